@@ -1,0 +1,88 @@
+"""The ``torch`` backend: delegation to ``F.scaled_dot_product_attention`` (SDPA).
+
+SDPA covers a call when everything the call asks for is either native to SDPA (boolean or float mask,
+top-left causal, grouped heads, dropout from the global RNG) or expressible as an additive mask
+(``key_lengths``, bottom-right causal with ``L != S``, sliding windows, ALiBi). The latter are built into
+one dense ``(..., H|1, L, S)`` mask, which makes SDPA fall back from its fused kernels on some devices:
+that cost is what the ``tiled`` backend exists to avoid.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qkv.ops.masks import block_allowed, block_bias
+from qkv.ops.spec import AttentionSpec
+
+
+def sdpa_unsupported_reason(
+    spec: AttentionSpec, *, return_weights: bool, return_lse: bool, generator: torch.Generator | None
+) -> str | None:
+    """Why SDPA cannot compute this call exactly as qkv defines it, or ``None`` if it can."""
+    if return_weights:
+        return "SDPA does not return the attention weights (return_weights=True)"
+    if return_lse:
+        return "SDPA does not return the log-sum-exp (return_lse=True)"
+    if spec.softcap is not None:
+        return "SDPA has no soft-capping, and softcap is not an additive mask"
+    if spec.dropout > 0 and generator is not None:
+        return "SDPA's dropout cannot take a torch.Generator"
+    return None
+
+
+def sdpa_mask(spec: AttentionSpec, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
+    """The mask to hand SDPA and its ``is_causal`` flag.
+
+    Returns ``(None, True)`` when the call is plain top-left causal, a boolean mask when every rule is
+    a yes/no, and otherwise a float mask (biases, ``-inf`` where not allowed), broadcastable to
+    ``(..., H, L, S)``.
+    """
+    only_causal = (
+        spec.causal
+        and spec.offset == 0
+        and spec.window_left is None
+        and spec.window_right is None
+        and spec.mask is None
+        and spec.key_lengths is None
+        and spec.alibi_slopes is None
+    )
+    if only_causal:
+        return None, True
+    allowed = block_allowed(spec, 0, spec.q_len, 0, spec.kv_len, device)
+    bias = block_bias(spec, 0, spec.q_len, 0, spec.kv_len, device)
+    if bias is None:
+        return allowed, False
+    bias = bias.to(dtype)
+    if allowed is not None:
+        bias = bias.masked_fill(~allowed, float("-inf"))
+    return bias, False
+
+
+def _flatten_batch(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """``(..., X, Y, Z)`` → ``(B, X, Y, Z)``, padding or flattening the leading dims (a view if possible)."""
+    lead = t.shape[: t.ndim - 3]
+    if len(lead) == len(spec.batch_shape) and all(a == 1 for a in lead):
+        return t.reshape(1, *t.shape[-3:])
+    return t.expand(*spec.batch_shape, *t.shape[-3:]).reshape(-1, *t.shape[-3:])
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
+) -> torch.Tensor:
+    """Attention through SDPA. Shapes as :func:`qkv.attention`; returns ``(..., H, L, Dv)``."""
+    mask, is_causal = sdpa_mask(spec, q.device, q.dtype)
+    if mask is not None:
+        mask = mask.reshape((1,) * (q.ndim - mask.ndim) + tuple(mask.shape))
+        mask = _flatten_batch(mask, spec)
+    out = F.scaled_dot_product_attention(
+        _flatten_batch(q, spec),
+        _flatten_batch(k, spec),
+        _flatten_batch(v, spec),
+        attn_mask=mask,
+        dropout_p=spec.dropout,
+        is_causal=is_causal,
+        scale=spec.scale,
+        enable_gqa=spec.kv_heads != spec.heads,
+    )
+    return out.reshape(*spec.batch_shape, spec.heads, spec.q_len, spec.value_dim)

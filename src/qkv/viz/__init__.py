@@ -1,0 +1,1 @@
+"""Seeing attention: the explainer, plots and views."""
