@@ -1,6 +1,6 @@
 """qkv: the attention mechanism, ``softmax(QKᵀ/√d_k)·V``, exact, fast, lean on memory, and visible."""
 
-from qkv.ops import BackendChoice, attention, explain_backend
+from qkv.ops import BackendChoice, attention, attention_weights, explain_backend
 
 __version__ = "0.1.0"
-__all__ = ["BackendChoice", "__version__", "attention", "explain_backend"]
+__all__ = ["BackendChoice", "__version__", "attention", "attention_weights", "explain_backend"]

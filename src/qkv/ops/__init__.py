@@ -2,5 +2,6 @@
 
 from qkv.ops.attention import attention, explain_backend
 from qkv.ops.dispatch import BACKENDS, BackendChoice
+from qkv.ops.weights import attention_weights
 
-__all__ = ["BACKENDS", "BackendChoice", "attention", "explain_backend"]
+__all__ = ["BACKENDS", "BackendChoice", "attention", "attention_weights", "explain_backend"]

@@ -9,6 +9,7 @@ from qkv.ops.dropout import draw_seed
 from qkv.ops.math import math_attention
 from qkv.ops.sdpa import sdpa_attention
 from qkv.ops.spec import build_spec
+from qkv.ops.tiled import tiled_attention
 
 
 def attention(
@@ -54,8 +55,10 @@ def attention(
             across qkv's backends. Pass ``0.0`` outside training.
         generator: the ``torch.Generator`` dropout draws its seed from.
         return_weights: also return the weights ``(..., H, L, S)`` (after dropout: ``out == weights @ v``).
-        return_lse: also return the log-sum-exp of each row's scores, float32 ``(..., H, L)``.
-        backend: ``"auto"``, ``"math"`` or ``"torch"``; see :func:`explain_backend`.
+        return_lse: also return the log-sum-exp of each row's scores ``(..., H, L)``: float64 for float64
+            inputs, float32 otherwise.
+        backend: ``"auto"``, ``"math"`` (the reference), ``"torch"`` (SDPA) or ``"tiled"`` (O(N) memory);
+            see :func:`explain_backend`.
 
     Returns:
         ``out (..., H, L, Dv)``, or a tuple ``(out, weights)``, ``(out, lse)`` or ``(out, weights, lse)``.
@@ -73,7 +76,10 @@ def attention(
     if choice.backend == "torch":
         return sdpa_attention(q, k, v, spec)
     seed = draw_seed(generator) if spec.dropout > 0 else None
-    out, weights, lse = math_attention(q, k, v, spec, seed)
+    if choice.backend == "tiled":
+        out, weights, lse = tiled_attention(q, k, v, spec, seed, return_weights)
+    else:
+        out, weights, lse = math_attention(q, k, v, spec, seed)
     extras = ((weights,) if return_weights else ()) + ((lse,) if return_lse else ())
     return (out, *extras) if extras else out
 

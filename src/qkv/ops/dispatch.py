@@ -15,7 +15,16 @@ import torch
 from qkv.ops.sdpa import sdpa_unsupported_reason
 from qkv.ops.spec import AttentionSpec
 
-BACKENDS = ("auto", "math", "torch")
+
+def tiled_unsupported_reason(spec: AttentionSpec) -> str | None:
+    """Why the tiled backend cannot compute this call, or ``None`` if it can."""
+    if spec.mask is not None and spec.mask.requires_grad:
+        return "the float mask requires grad and the tiled backward computes no mask gradient"
+    if spec.alibi_slopes is not None and spec.alibi_slopes.requires_grad:
+        return "alibi_slopes requires grad and the tiled backward computes no slope gradient"
+    return None
+
+BACKENDS = ("auto", "math", "torch", "tiled")
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,11 @@ def choose_backend(
     )
     if backend == "math":
         return BackendChoice("math", "requested: the reference implementation")
+    why_not_tiled = tiled_unsupported_reason(spec)
+    if backend == "tiled":
+        if why_not_tiled is not None:
+            raise ValueError(f"backend='tiled' cannot run this call: {why_not_tiled}; use 'auto' or 'math'")
+        return BackendChoice("tiled", "requested: online softmax over key blocks, O(N) memory")
     if backend == "torch":
         if why_not_sdpa is not None:
             raise ValueError(f"backend='torch' cannot run this call: {why_not_sdpa}; use 'auto' or 'math'")

@@ -26,6 +26,13 @@ def _slice_mask(mask: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch
     return mask[..., rows, cols]
 
 
+def right_reach(spec: AttentionSpec) -> int | None:
+    """How far right of the diagonal a query may look: 0 if causal, the window's right side, or None."""
+    if spec.causal:
+        return 0 if spec.window_right is None else min(0, spec.window_right)
+    return spec.window_right
+
+
 def positional_allowed(
     spec: AttentionSpec, r0: int, r1: int, c0: int, c1: int, device: torch.device
 ) -> torch.Tensor | None:
@@ -35,9 +42,7 @@ def positional_allowed(
     rows = torch.arange(r0, r1, device=device).unsqueeze(-1) + spec.offset
     cols = torch.arange(c0, c1, device=device)
     allowed = torch.ones(r1 - r0, c1 - c0, dtype=torch.bool, device=device)
-    right = 0 if spec.causal else spec.window_right
-    if spec.causal and spec.window_right is not None:
-        right = min(right, spec.window_right)
+    right = right_reach(spec)
     if right is not None:
         allowed &= cols <= rows + right
     if spec.window_left is not None:
@@ -46,14 +51,25 @@ def positional_allowed(
 
 
 def block_allowed(
-    spec: AttentionSpec, r0: int, r1: int, c0: int, c1: int, device: torch.device
+    spec: AttentionSpec,
+    r0: int,
+    r1: int,
+    c0: int,
+    c1: int,
+    device: torch.device,
+    *,
+    positional: bool = True,
+    lengths: bool = True,
 ) -> torch.Tensor | None:
-    """Bool, broadcastable to ``(..., H, r, c)``: ``True`` where a key may be attended; ``None`` = all."""
-    allowed = positional_allowed(spec, r0, r1, c0, c1, device)
-    if spec.key_lengths is not None:
+    """Bool, broadcastable to ``(..., H, r, c)``: ``True`` where a key may be attended; ``None`` = all.
+
+    ``positional=False`` / ``lengths=False`` leave out the causal/window or ``key_lengths`` rules, for
+    blocks a caller already knows they allow entirely.
+    """
+    allowed = positional_allowed(spec, r0, r1, c0, c1, device) if positional else None
+    if spec.key_lengths is not None and lengths:
         cols = torch.arange(c0, c1, device=device)
-        lengths = spec.key_lengths.reshape(*spec.batch_shape, 1, 1, 1)
-        by_length = cols < lengths
+        by_length = cols < spec.key_lengths.reshape(*spec.batch_shape, 1, 1, 1)
         allowed = by_length if allowed is None else allowed & by_length
     if spec.mask is not None and spec.mask.dtype == torch.bool:
         user = _slice_mask(spec.mask, r0, r1, c0, c1)
@@ -77,15 +93,45 @@ def block_bias(
     return bias
 
 
-def modify_scores(spec: AttentionSpec, scores: torch.Tensor, r0: int, c0: int) -> torch.Tensor:
-    """Apply soft-capping, biases and masks to raw scores ``(..., H, r, c)`` starting at ``(r0, c0)``."""
+def positional_block_state(spec: AttentionSpec, r0: int, r1: int, c0: int, c1: int) -> str:
+    """Whether the causal/window rules allow ``"all"``, ``"none"`` or ``"some"`` of a block's scores."""
+    right, left = right_reach(spec), spec.window_left
+    if right is not None and c0 > r1 - 1 + spec.offset + right:
+        return "none"
+    if left is not None and c1 - 1 < r0 + spec.offset - left:
+        return "none"
+    all_right = right is None or c1 - 1 <= r0 + spec.offset + right
+    all_left = left is None or c0 >= r1 - 1 + spec.offset - left
+    return "all" if all_right and all_left else "some"
+
+
+def modify_scores(
+    spec: AttentionSpec,
+    scores: torch.Tensor,
+    r0: int,
+    c0: int,
+    *,
+    inplace: bool = False,
+    positional: bool = True,
+    lengths: bool = True,
+) -> torch.Tensor:
+    """Apply soft-capping, biases and masks to raw scores ``(..., H, r, c)`` starting at ``(r0, c0)``.
+
+    ``inplace=True`` overwrites ``scores`` (for backends outside autograd); ``positional`` and
+    ``lengths`` as in :func:`block_allowed`.
+    """
     r1, c1 = r0 + scores.shape[-2], c0 + scores.shape[-1]
     if spec.softcap is not None:
-        scores = torch.tanh(scores / spec.softcap) * spec.softcap
+        if inplace:
+            scores.div_(spec.softcap).tanh_().mul_(spec.softcap)
+        else:
+            scores = torch.tanh(scores / spec.softcap) * spec.softcap
     bias = block_bias(spec, r0, r1, c0, c1, scores.device)
     if bias is not None:
-        scores = scores + bias
-    allowed = block_allowed(spec, r0, r1, c0, c1, scores.device)
+        scores = scores.add_(bias) if inplace else scores + bias
+    allowed = block_allowed(spec, r0, r1, c0, c1, scores.device, positional=positional, lengths=lengths)
     if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = scores.masked_fill_(~allowed, float("-inf")) if inplace else scores.masked_fill(
+            ~allowed, float("-inf")
+        )
     return scores

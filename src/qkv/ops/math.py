@@ -62,14 +62,14 @@ def math_attention(
 
     Returns:
         out ``(..., H, L, Dv)`` in q's dtype, weights ``(..., H, L, S)`` in q's dtype (after dropout, so
-        ``out == weights @ v``), lse ``(..., H, L)`` float32 (of the scores before dropout).
+        ``out == weights @ v``), lse ``(..., H, L)`` in the compute dtype (float32 for half inputs).
     """
     dtype = compute_dtype(q.dtype)
     qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
     if spec.kv_len == 0:
         out = qc.new_zeros(*spec.batch_shape, spec.heads, spec.q_len, spec.value_dim)
         lse = qc.new_full((*spec.batch_shape, spec.heads, spec.q_len), float("-inf"))
-        return out.to(q.dtype), qc.new_zeros(spec.score_shape).to(q.dtype), lse.float()
+        return out.to(q.dtype), qc.new_zeros(spec.score_shape).to(q.dtype), lse
 
     scores = grouped(qc, spec) @ kc.unsqueeze(-3).transpose(-2, -1) * spec.scale
     scores = modify_scores(spec, scores.reshape(spec.score_shape), 0, 0)
@@ -80,4 +80,4 @@ def math_attention(
         weights = weights * keep / (1.0 - spec.dropout)
     out = grouped(weights, spec) @ vc.unsqueeze(-3)
     out = out.reshape(*spec.batch_shape, spec.heads, spec.q_len, spec.value_dim)
-    return out.to(q.dtype), weights.to(q.dtype), lse.float()
+    return out.to(q.dtype), weights.to(q.dtype), lse
