@@ -1,1 +1,16 @@
-"""Attention modules."""
+"""Attention modules built on :func:`qkv.attention`.
+
+* :class:`SelfAttention`: the textbook single-head block.
+* :class:`MultiHeadAttention`: batch-first multi-head self-/cross-attention, grouped-query heads,
+  a drop-in for ``nn.MultiheadAttention`` (but boolean masks mean ``True`` = may attend).
+* :class:`KVCache`: keys/values of past tokens for incremental decoding and beam search.
+* :class:`LuongAttention`, :class:`AdditiveAttention`: the classic seq2seq attentions.
+"""
+
+from qkv.nn.additive import AdditiveAttention
+from qkv.nn.kv_cache import KVCache
+from qkv.nn.luong import LuongAttention
+from qkv.nn.multi_head import MultiHeadAttention
+from qkv.nn.self_attention import SelfAttention
+
+__all__ = ["AdditiveAttention", "KVCache", "LuongAttention", "MultiHeadAttention", "SelfAttention"]

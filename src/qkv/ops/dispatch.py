@@ -1,9 +1,13 @@
 """Which backend computes a call, and why.
 
-Policy of ``backend="auto"`` (a measured choice, revisited as backends are added):
+Policy of ``backend="auto"`` (measured with ``qkv bench``; figures in the README):
 
-1. ``torch`` (PyTorch's fused SDPA kernels) when SDPA computes the call exactly as qkv defines it;
-2. ``math`` otherwise: the reference, which supports every feature.
+1. ``torch``, PyTorch's fused SDPA kernel, when SDPA computes the call exactly as qkv defines it without
+   a dense ``L×S`` mask built for it and without dropout (qkv's dropout pattern is its own, reproducible
+   and equal across qkv's backends);
+2. ``tiled`` (online softmax, O(N) memory) for everything else: weights or log-sum-exp requested,
+   soft-capping, dropout, ALiBi, sliding windows, bottom-right causal with ``L != S``;
+3. ``math`` only where tiled cannot run: a float mask or ALiBi slopes that require grad.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qkv.ops.sdpa import sdpa_unsupported_reason
+from qkv.ops.sdpa import sdpa_dense_mask_reason, sdpa_unsupported_reason
 from qkv.ops.spec import AttentionSpec
 
 
@@ -68,6 +72,12 @@ def choose_backend(
         if why_not_sdpa is not None:
             raise ValueError(f"backend='torch' cannot run this call: {why_not_sdpa}; use 'auto' or 'math'")
         return BackendChoice("torch", "requested: F.scaled_dot_product_attention")
+    if why_not_sdpa is None and spec.dropout > 0:
+        why_not_sdpa = "dropout: SDPA draws its own pattern, qkv's is reproducible across backends"
     if why_not_sdpa is None:
-        return BackendChoice("torch", "SDPA covers every feature of this call")
-    return BackendChoice("math", f"{why_not_sdpa}; the reference path supports every feature")
+        why_not_sdpa = sdpa_dense_mask_reason(spec)
+    if why_not_sdpa is None:
+        return BackendChoice("torch", "SDPA's fused kernel covers every feature of this call")
+    if why_not_tiled is None:
+        return BackendChoice("tiled", f"{why_not_sdpa}; tiled computes it exactly in O(N) memory")
+    return BackendChoice("math", f"{why_not_sdpa}, and {why_not_tiled}; the reference path supports it")

@@ -78,17 +78,17 @@ def block_allowed(
 
 
 def block_bias(
-    spec: AttentionSpec, r0: int, r1: int, c0: int, c1: int, device: torch.device
+    spec: AttentionSpec, r0: int, r1: int, c0: int, c1: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor | None:
-    """Float32, broadcastable to ``(..., H, r, c)``: ALiBi plus the user's float mask; ``None`` = zero."""
+    """``dtype``, broadcastable to ``(..., H, r, c)``: ALiBi plus the user's float mask; ``None`` = zero."""
     bias = None
     if spec.alibi_slopes is not None:
         rows = torch.arange(r0, r1, device=device).unsqueeze(-1) + spec.offset
         cols = torch.arange(c0, c1, device=device)
-        distance = (rows - cols).abs().float()
-        bias = -spec.alibi_slopes * distance
+        distance = (rows - cols).abs().to(dtype)
+        bias = -spec.alibi_slopes.to(dtype) * distance
     if spec.mask is not None and spec.mask.dtype != torch.bool:
-        user = _slice_mask(spec.mask, r0, r1, c0, c1).float()
+        user = _slice_mask(spec.mask, r0, r1, c0, c1).to(dtype)
         bias = user if bias is None else bias + user
     return bias
 
@@ -126,7 +126,7 @@ def modify_scores(
             scores.div_(spec.softcap).tanh_().mul_(spec.softcap)
         else:
             scores = torch.tanh(scores / spec.softcap) * spec.softcap
-    bias = block_bias(spec, r0, r1, c0, c1, scores.device)
+    bias = block_bias(spec, r0, r1, c0, c1, scores.device, scores.dtype)
     if bias is not None:
         scores = scores.add_(bias) if inplace else scores + bias
     allowed = block_allowed(spec, r0, r1, c0, c1, scores.device, positional=positional, lengths=lengths)

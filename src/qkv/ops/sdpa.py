@@ -31,6 +31,17 @@ def sdpa_unsupported_reason(
     return None
 
 
+def sdpa_dense_mask_reason(spec: AttentionSpec) -> str | None:
+    """Why SDPA would need an ``L×S`` mask built for it (a materialized path), or ``None``."""
+    if spec.alibi_slopes is not None:
+        return "ALiBi would reach SDPA as a dense (H, L, S) float mask"
+    if spec.window_left is not None or spec.window_right is not None:
+        return "a sliding window would reach SDPA as a dense (L, S) mask"
+    if spec.causal and spec.offset != 0:
+        return "bottom-right causal with L != S would reach SDPA as a dense (L, S) mask"
+    return None
+
+
 def sdpa_mask(spec: AttentionSpec, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
     """The mask to hand SDPA and its ``is_causal`` flag.
 
@@ -50,10 +61,9 @@ def sdpa_mask(spec: AttentionSpec, device: torch.device, dtype: torch.dtype) -> 
     if only_causal:
         return None, True
     allowed = block_allowed(spec, 0, spec.q_len, 0, spec.kv_len, device)
-    bias = block_bias(spec, 0, spec.q_len, 0, spec.kv_len, device)
+    bias = block_bias(spec, 0, spec.q_len, 0, spec.kv_len, device, dtype)
     if bias is None:
         return allowed, False
-    bias = bias.to(dtype)
     if allowed is not None:
         bias = bias.masked_fill(~allowed, float("-inf"))
     return bias, False

@@ -42,7 +42,7 @@ class AttentionSpec:
             ``ndim == q.ndim`` after left-padding with size-1 dimensions, broadcastable to
             ``(..., H, L, S)``.
         key_lengths: ``batch_shape`` integer tensor of valid key counts, or ``None``.
-        alibi_slopes: float32 ``(... or 1s, H, 1, 1)``, or ``None``.
+        alibi_slopes: ``(... or 1s, H, 1, 1)``, or ``None``.
         softcap: ``c`` in ``c·tanh(scores/c)``, or ``None``.
         dropout: probability of dropping a weight.
     """
@@ -199,9 +199,9 @@ def _check_alibi(
     if slopes.device != device:
         raise ValueError(f"alibi_slopes is on {slopes.device} but q is on {device}; they must match")
     if tuple(slopes.shape) == (heads,):
-        return slopes.float().reshape((1,) * len(batch_shape) + (heads, 1, 1))
+        return slopes.reshape((1,) * len(batch_shape) + (heads, 1, 1))
     if tuple(slopes.shape) == (*batch_shape, heads):
-        return slopes.float().reshape(*batch_shape, heads, 1, 1)
+        return slopes.reshape(*batch_shape, heads, 1, 1)
     raise ValueError(
         f"alibi_slopes has shape {_shape(slopes.shape)}; expected (H,) = ({heads},) or "
         f"(..., H) = {_shape((*batch_shape, heads))}"

@@ -1,0 +1,1 @@
+"""Assembled models and decoding."""
