@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from qkv.cli import compare, demo, explain
+from qkv.cli import bench, compare, demo, explain
 
-SUBCOMMANDS = (explain, compare, demo)
+SUBCOMMANDS = (explain, compare, demo, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from qkv.ops.spec import build_spec
-from qkv.ops.tiled import recompute_weights
+from qkv.ops.tiled_online import recompute_weights
 
 
 def attention_weights(
