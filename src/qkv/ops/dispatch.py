@@ -7,7 +7,8 @@ Policy of ``backend="auto"`` (measured with ``qkv bench``; figures in the README
    and equal across qkv's backends);
 2. ``tiled`` (online softmax, O(N) memory) for everything else: weights or log-sum-exp requested,
    soft-capping, dropout, ALiBi, sliding windows, bottom-right causal with ``L != S``;
-3. ``math`` only where tiled cannot run: a float mask or ALiBi slopes that require grad.
+3. ``math`` for tiny inputs (``L·S <= 1024``), where its single pass costs least, and where tiled
+   cannot run: a float mask or ALiBi slopes that require grad.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def tiled_unsupported_reason(spec: AttentionSpec) -> str | None:
     return None
 
 BACKENDS = ("auto", "math", "torch", "tiled")
+# Below this many scores per head, the reference path beats the tiled one's per-call overhead.
+TINY_SCORES = 32 * 32
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ def choose_backend(
         why_not_sdpa = sdpa_dense_mask_reason(spec)
     if why_not_sdpa is None:
         return BackendChoice("torch", "SDPA's fused kernel covers every feature of this call")
+    if spec.q_len * spec.kv_len <= TINY_SCORES:
+        return BackendChoice("math", f"{why_not_sdpa}; the input is tiny (L·S <= {TINY_SCORES}), where the "
+                             "reference path has the least overhead")
     if why_not_tiled is None:
         return BackendChoice("tiled", f"{why_not_sdpa}; tiled computes it exactly in O(N) memory")
     return BackendChoice("math", f"{why_not_sdpa}, and {why_not_tiled}; the reference path supports it")
