@@ -16,11 +16,11 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.test: $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e ".[test,bench]"
+	$(PIP) install -q -e ".[test,bench,data]"
 	touch $@
 
 $(VENV)/.demo: $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e ".[bench]"
+	$(PIP) install -q -e ".[bench,data]"
 	touch $@
 
 venv: $(VENV)/.torch

@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from qkv.cli import bench, compare, demo, explain
+from qkv.cli import bench, compare, data, demo, explain
 
-SUBCOMMANDS = (explain, compare, demo, bench)
+SUBCOMMANDS = (explain, compare, demo, bench, data)
 
 
 def build_parser() -> argparse.ArgumentParser:
