@@ -10,6 +10,7 @@ from qkv.ops.math import math_attention
 from qkv.ops.sdpa import sdpa_attention
 from qkv.ops.spec import build_spec
 from qkv.ops.tiled import tiled_attention
+from qkv.ops.triton_backend import triton_attention
 
 
 def attention(
@@ -57,8 +58,8 @@ def attention(
         return_weights: also return the weights ``(..., H, L, S)`` (after dropout: ``out == weights @ v``).
         return_lse: also return the log-sum-exp of each row's scores ``(..., H, L)``: float64 for float64
             inputs, float32 otherwise.
-        backend: ``"auto"``, ``"math"`` (the reference), ``"torch"`` (SDPA) or ``"tiled"`` (O(N) memory);
-            see :func:`explain_backend`.
+        backend: ``"auto"``, ``"math"`` (the reference), ``"torch"`` (SDPA), ``"tiled"`` (O(N) memory) or
+            ``"triton"`` (fused Triton kernels, CUDA; no dropout); see :func:`explain_backend`.
 
     Returns:
         ``out (..., H, L, Dv)``, or a tuple ``(out, weights)``, ``(out, lse)`` or ``(out, weights, lse)``.
@@ -71,13 +72,16 @@ def attention(
         alibi_slopes=alibi_slopes, softcap=softcap, dropout=dropout,
     )
     choice = choose_backend(
-        spec, backend, return_weights=return_weights, return_lse=return_lse, generator=generator
+        spec, backend, return_weights=return_weights, return_lse=return_lse, generator=generator,
+        device=q.device, dtype=q.dtype, inputs_require_grad=_require_grad(q, k, v),
     )
     if choice.backend == "torch":
         return sdpa_attention(q, k, v, spec)
     seed = draw_seed(generator) if spec.dropout > 0 else None
     if choice.backend == "tiled":
         out, weights, lse = tiled_attention(q, k, v, spec, seed, return_weights)
+    elif choice.backend == "triton":
+        out, weights, lse = triton_attention(q, k, v, spec, seed, return_weights)
     else:
         out, weights, lse = math_attention(q, k, v, spec, seed)
     extras = ((weights,) if return_weights else ()) + ((lse,) if return_lse else ())
@@ -105,5 +109,10 @@ def explain_backend(
     backend = check_backend(backend)
     spec = build_spec(q, k, v, **features)  # type: ignore[arg-type]
     return choose_backend(
-        spec, backend, return_weights=return_weights, return_lse=return_lse, generator=generator
+        spec, backend, return_weights=return_weights, return_lse=return_lse, generator=generator,
+        device=q.device, dtype=q.dtype, inputs_require_grad=_require_grad(q, k, v),
     )
+
+
+def _require_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

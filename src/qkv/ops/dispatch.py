@@ -9,6 +9,12 @@ Policy of ``backend="auto"`` (measured with ``qkv bench``; figures in the README
    soft-capping, dropout, ALiBi, sliding windows, bottom-right causal with ``L != S``;
 3. ``math`` for tiny inputs (``L·S <= 1024``), where its single pass costs least, and where tiled
    cannot run: a float mask or ALiBi slopes that require grad.
+
+On CUDA, one rule comes between 1 and 2: a call that SDPA does not cover without a dense mask (rule 1
+failed) runs on ``triton``, the fused Triton kernels, whenever they cover it (Triton installed, a GPU of
+compute capability 8.0+, float16/bfloat16/float32, head dims up to 256, no dropout, no mask or slopes
+that require grad; see :func:`qkv.ops.triton_backend.triton_unsupported_reason`), tiny inputs included.
+``triton`` is never chosen on CPU, where it runs only in Triton's interpreter (for tests).
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ import torch
 
 from qkv.ops.sdpa import sdpa_dense_mask_reason, sdpa_unsupported_reason
 from qkv.ops.spec import AttentionSpec
+from qkv.ops.triton_backend import triton_unsupported_reason
+
+
+def _empty(spec: AttentionSpec) -> bool:
+    return 0 in (*spec.batch_shape, spec.heads, spec.q_len, spec.kv_len, spec.head_dim, spec.value_dim)
 
 
 def tiled_unsupported_reason(spec: AttentionSpec) -> str | None:
@@ -29,7 +40,14 @@ def tiled_unsupported_reason(spec: AttentionSpec) -> str | None:
         return "alibi_slopes requires grad and the tiled backward computes no slope gradient"
     return None
 
-BACKENDS = ("auto", "math", "torch", "tiled")
+
+def _triton_reason(spec: AttentionSpec, device: torch.device | None, dtype: torch.dtype | None) -> str | None:
+    if device is None or dtype is None:
+        return "the inputs' device and dtype were not given to the dispatcher"
+    return triton_unsupported_reason(spec, device, dtype)
+
+
+BACKENDS = ("auto", "math", "torch", "tiled", "triton")
 # Below this many scores per head, the reference path beats the tiled one's per-call overhead.
 TINY_SCORES = 32 * 32
 
@@ -59,18 +77,33 @@ def choose_backend(
     return_weights: bool,
     return_lse: bool,
     generator: torch.Generator | None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    inputs_require_grad: bool = False,
 ) -> BackendChoice:
-    """Resolve ``backend`` for a validated call; raise ``ValueError`` if an explicit one cannot run it."""
+    """Resolve ``backend`` for a validated call; raise ``ValueError`` if an explicit one cannot run it.
+
+    ``device`` and ``dtype`` are the inputs'; without them the ``triton`` backend is not considered.
+    ``inputs_require_grad``: q, k or v require grad (only ``math`` differentiates weights and lse).
+    """
     why_not_sdpa = sdpa_unsupported_reason(
         spec, return_weights=return_weights, return_lse=return_lse, generator=generator
     )
     if backend == "math":
         return BackendChoice("math", "requested: the reference implementation")
     why_not_tiled = tiled_unsupported_reason(spec)
+    needs_graph_through_extras = (return_weights or return_lse) and inputs_require_grad
     if backend == "tiled":
         if why_not_tiled is not None:
             raise ValueError(f"backend='tiled' cannot run this call: {why_not_tiled}; use 'auto' or 'math'")
         return BackendChoice("tiled", "requested: online softmax over key blocks, O(N) memory")
+    if backend == "triton":
+        why_not_triton = _triton_reason(spec, device, dtype)
+        if why_not_triton is not None:
+            raise ValueError(
+                f"backend='triton' cannot run this call: {why_not_triton}; use 'auto', 'tiled' or 'math'"
+            )
+        return BackendChoice("triton", "requested: fused Triton kernels, O(N) memory")
     if backend == "torch":
         if why_not_sdpa is not None:
             raise ValueError(f"backend='torch' cannot run this call: {why_not_sdpa}; use 'auto' or 'math'")
@@ -81,7 +114,13 @@ def choose_backend(
         why_not_sdpa = sdpa_dense_mask_reason(spec)
     if why_not_sdpa is None:
         return BackendChoice("torch", "SDPA's fused kernel covers every feature of this call")
-    if spec.q_len * spec.kv_len <= TINY_SCORES:
+    if needs_graph_through_extras:
+        return BackendChoice("math", f"{why_not_sdpa}; the weights/lse are asked for while q, k or v require "
+                             "grad, and only the reference path differentiates them")
+    if device is not None and device.type == "cuda" and _triton_reason(spec, device, dtype) is None:
+        return BackendChoice("triton", f"{why_not_sdpa}; the fused Triton kernels compute it exactly on the GPU "
+                             "in O(N) memory")
+    if spec.q_len * spec.kv_len <= TINY_SCORES or _empty(spec):
         return BackendChoice("math", f"{why_not_sdpa}; the input is tiny (L·S <= {TINY_SCORES}), where the "
                              "reference path has the least overhead")
     if why_not_tiled is None:

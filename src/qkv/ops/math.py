@@ -67,9 +67,13 @@ def math_attention(
     dtype = compute_dtype(q.dtype)
     qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
     if spec.kv_len == 0:
-        out = qc.new_zeros(*spec.batch_shape, spec.heads, spec.q_len, spec.value_dim)
+        # An empty sum, kept in the autograd graph so that backward still reaches q, k, v.
+        weights = (grouped(qc, spec) @ kc.unsqueeze(-3).transpose(-2, -1)).reshape(spec.score_shape)
+        out = (grouped(weights, spec) @ vc.unsqueeze(-3)).reshape(
+            *spec.batch_shape, spec.heads, spec.q_len, spec.value_dim
+        )
         lse = qc.new_full((*spec.batch_shape, spec.heads, spec.q_len), float("-inf"))
-        return out.to(q.dtype), qc.new_zeros(spec.score_shape).to(q.dtype), lse
+        return out.to(q.dtype), weights.to(q.dtype), lse
 
     scores = grouped(qc, spec) @ kc.unsqueeze(-3).transpose(-2, -1) * spec.scale
     scores = modify_scores(spec, scores.reshape(spec.score_shape), 0, 0)

@@ -9,10 +9,12 @@ that cost is what the ``tiled`` backend exists to avoid.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from qkv.ops.masks import block_allowed, block_bias
+from qkv.ops.masks import block_allowed, block_bias, positional_block_state
 from qkv.ops.spec import AttentionSpec
 
 
@@ -35,11 +37,21 @@ def sdpa_dense_mask_reason(spec: AttentionSpec) -> str | None:
     """Why SDPA would need an ``L×S`` mask built for it (a materialized path), or ``None``."""
     if spec.alibi_slopes is not None:
         return "ALiBi would reach SDPA as a dense (H, L, S) float mask"
+    if not spec.has_positional_mask or _positional_allows_all(spec) or _plain_causal(spec):
+        return None
     if spec.window_left is not None or spec.window_right is not None:
         return "a sliding window would reach SDPA as a dense (L, S) mask"
-    if spec.causal and spec.offset != 0:
-        return "bottom-right causal with L != S would reach SDPA as a dense (L, S) mask"
-    return None
+    return "bottom-right causal with L != S would reach SDPA as a dense (L, S) mask"
+
+
+def _positional_allows_all(spec: AttentionSpec) -> bool:
+    """Whether causal/window rules exclude no key at all (e.g. one query at the end of a KV cache)."""
+    return positional_block_state(spec, 0, spec.q_len, 0, spec.kv_len) == "all"
+
+
+def _plain_causal(spec: AttentionSpec) -> bool:
+    """Top-left causal and no other positional rule: SDPA's own ``is_causal``."""
+    return spec.causal and spec.offset == 0 and spec.window_left is None and spec.window_right is None
 
 
 def sdpa_mask(spec: AttentionSpec, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
@@ -49,18 +61,12 @@ def sdpa_mask(spec: AttentionSpec, device: torch.device, dtype: torch.dtype) -> 
     a yes/no, and otherwise a float mask (biases, ``-inf`` where not allowed), broadcastable to
     ``(..., H, L, S)``.
     """
-    only_causal = (
-        spec.causal
-        and spec.offset == 0
-        and spec.window_left is None
-        and spec.window_right is None
-        and spec.mask is None
-        and spec.key_lengths is None
-        and spec.alibi_slopes is None
-    )
-    if only_causal:
+    all_positions = not spec.has_positional_mask or _positional_allows_all(spec)
+    if not all_positions and _plain_causal(spec) and spec.mask is None and spec.key_lengths is None and (
+        spec.alibi_slopes is None
+    ):
         return None, True
-    allowed = block_allowed(spec, 0, spec.q_len, 0, spec.kv_len, device)
+    allowed = block_allowed(spec, 0, spec.q_len, 0, spec.kv_len, device, positional=not all_positions)
     bias = block_bias(spec, 0, spec.q_len, 0, spec.kv_len, device, dtype)
     if bias is None:
         return allowed, False
@@ -74,7 +80,9 @@ def _flatten_batch(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     lead = t.shape[: t.ndim - 3]
     if len(lead) == len(spec.batch_shape) and all(a == 1 for a in lead):
         return t.reshape(1, *t.shape[-3:])
-    return t.expand(*spec.batch_shape, *t.shape[-3:]).reshape(-1, *t.shape[-3:])
+    if tuple(lead) == spec.batch_shape:
+        return t.reshape(math.prod(spec.batch_shape), *t.shape[-3:])
+    return t.expand(*spec.batch_shape, *t.shape[-3:]).reshape(math.prod(spec.batch_shape), *t.shape[-3:])
 
 
 def sdpa_attention(

@@ -240,9 +240,9 @@ def build_spec(
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number; got {scale!r}")
     if softcap is not None and (
-        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf
     ):
-        raise ValueError(f"softcap must be a positive number or None; got {softcap!r}")
+        raise ValueError(f"softcap must be a positive finite number or None; got {softcap!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from qkv.ops.blocks import block_sizes
-from qkv.ops.math import compute_dtype
+from qkv.ops.math import compute_dtype, math_attention
 from qkv.ops.spec import AttentionSpec
 from qkv.ops.tiled_fused import fused_backward, fused_block_sizes, fused_forward, fused_unsupported_reason
 from qkv.ops.tiled_online import online_backward, online_forward, recompute_weights
@@ -71,7 +71,13 @@ def tiled_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, seed: int | None,
     return_weights: bool, kernel: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Tiled attention: ``(out, weights or None, lse)``; differentiable in q, k, v (weights are not)."""
+    """Tiled attention: ``(out, weights or None, lse)``; differentiable in q, k, v (weights are not).
+
+    Inputs with an empty dimension have nothing to tile: the reference computes them.
+    """
+    if 0 in (*spec.batch_shape, spec.heads, spec.q_len, spec.kv_len, spec.head_dim, spec.value_dim):
+        out, weights, lse = math_attention(q, k, v, spec, seed)
+        return out, weights if return_weights else None, lse
     kernel = kernel or tiled_kernel(spec, q.device)
     out, lse = TiledAttention.apply(q, k, v, spec, seed, kernel)
     weights = None
