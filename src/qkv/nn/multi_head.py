@@ -57,6 +57,10 @@ class MultiHeadAttention(nn.Module):
         vdim: width of ``value`` (default ``E``).
         bias: whether the four projections have biases.
         dropout: probability of zeroing an attention weight, applied in training mode only.
+        rotary: a module ``rotary(x, offset)`` that rotates ``x: (B, heads, T, head_dim)`` by the positions
+            ``offset, offset + 1, ...`` (e.g. :class:`qkv.nn.RotaryEmbedding`), applied to the projected
+            queries and keys of each call, with ``offset`` = the number of keys already in a non-static
+            cache (0 without one), so that cached keys keep their positions. For self-attention.
 
     Attributes:
         q_proj: ``nn.Linear(E, E)``.
@@ -78,6 +82,7 @@ class MultiHeadAttention(nn.Module):
         vdim: int | None = None,
         bias: bool = True,
         dropout: float = 0.0,
+        rotary: nn.Module | None = None,
     ) -> None:
         super().__init__()
         embed_dim = _check_positive_int("embed_dim", embed_dim)
@@ -97,6 +102,8 @@ class MultiHeadAttention(nn.Module):
             )
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}")
+        if rotary is not None and not isinstance(rotary, nn.Module):
+            raise TypeError(f"rotary must be an nn.Module or None; got {type(rotary).__name__}")
 
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -111,6 +118,7 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(kdim, kv_width, bias=bias)
         self.v_proj = nn.Linear(vdim, kv_width, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.rotary = rotary
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -173,6 +181,12 @@ class MultiHeadAttention(nn.Module):
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a qkv.nn.KVCache or None; got {type(cache).__name__}")
         batch, q_len, _ = query.shape
+        if self.rotary is not None and cache is not None and cache.static:
+            raise ValueError(
+                "this MultiHeadAttention has a rotary embedding, which needs positions: use a non-static "
+                "cache (self-attention), or no rotary for cross-attention"
+            )
+        offset = 0 if cache is None else cache.seq_len
 
         if cache is not None and cache.k is not None and cache.k.shape[0] != batch:
             raise ValueError(
@@ -190,10 +204,14 @@ class MultiHeadAttention(nn.Module):
             key, value = self._check_key_value(query, key, value, cache)
             k = self._split(self.k_proj(key), self.kv_heads)
             v = self._split(self.v_proj(value), self.kv_heads)
+            if self.rotary is not None:
+                k = self.rotary(k, offset)
             if cache is not None:
                 k, v = cache.update(k, v)
 
         q = self._split(self.q_proj(query), self.num_heads)
+        if self.rotary is not None:
+            q = self.rotary(q, offset)
         result = attention(
             q, k, v, mask=mask, key_lengths=key_lengths, causal=causal,
             dropout=self.dropout if self.training else 0.0, return_weights=need_weights,
