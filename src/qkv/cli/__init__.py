@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from qkv.cli import bench, compare, data, demo, explain
+from qkv.cli import bench, compare, data, demo, evaluate, explain, train, translate
 
-SUBCOMMANDS = (explain, compare, demo, bench, data)
+SUBCOMMANDS = (explain, compare, demo, bench, data, train, translate, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
