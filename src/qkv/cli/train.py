@@ -1,6 +1,7 @@
 """``qkv train CONFIG.yaml [--set KEY=VALUE ...] [--resume]``: train a translation model.
 
-The config (see ``configs/reference.yaml``) names the data, the model, the optimisation and the output
+The config (the built-in ``reference`` lists every option) names the data, the model, the optimisation and the
+output
 directory, which becomes a model directory for ``qkv translate`` and ``qkv evaluate``. ``--set`` overrides
 a key (``--set training.lr=1e-3 --set output.dir=runs/b``); ``--resume`` continues from the newest
 checkpoint in the output directory, with the same batches and random numbers an uninterrupted run would
@@ -17,10 +18,10 @@ from pathlib import Path
 
 EPILOG = """\
 examples:
-  qkv train configs/demo.yaml                                   numbers → German, a small Transformer
-  qkv train configs/demo.yaml --set training.max_steps=500 --set output.dir=runs/short
-  qkv train configs/demo.yaml --resume                          continue after an interruption
-  torchrun --nproc_per_node=2 -m qkv train configs/demo.yaml    two processes, data parallel
+  qkv train demo                                   the built-in demo: dates → German, a small Transformer
+  qkv train demo --set training.max_steps=500 --set output.dir=runs/short
+  qkv train demo --resume                          continue after an interruption
+  torchrun --nproc_per_node=2 -m qkv train demo    two processes, data parallel
 """
 
 
@@ -28,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a translation model from a YAML config",
-        description="Train a sequence-to-sequence model as CONFIG.yaml says (configs/reference.yaml lists every "
-        "option), writing a model directory with checkpoints, logs and the exported model.",
+        description="Train a sequence-to-sequence model as CONFIG.yaml says (the built-in config `reference` "
+        "lists every option), writing a model directory with checkpoints, logs and the exported model.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

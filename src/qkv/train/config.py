@@ -8,11 +8,11 @@
     training:  optimisation, schedule, validation and early stopping
     output:    where the model directory goes, checkpoints, logs
 
-``configs/reference.yaml`` lists every option with a comment. Every key is checked when the file is read:
-an unknown key is an error naming it and listing the valid keys of its section, and a bad value is an error
-naming the key, e.g. ``training.lr must be a positive number; got -1``. ``--set training.lr=1e-3`` on the
-command line overrides a key before validation; the value is parsed as YAML (``null``, ``true``, ``[0.9,
-0.98]``, numbers), so it has the type it would have in the file.
+``qkv/configs/reference.yaml`` (``qkv train reference``) lists every option with a comment. Every key is
+checked when the file is read: an unknown key is an error naming it and listing the valid keys of its section,
+and a bad value is an error naming the key, e.g. ``training.lr must be a positive number; got -1``. ``--set
+training.lr=1e-3`` on the command line overrides a key before validation; the value is parsed as YAML
+(``null``, ``true``, ``[0.9, 0.98]``, numbers), so it has the type it would have in the file.
 
 Numbers written ``5e-4`` are read as numbers: YAML 1.1 (PyYAML) reads an exponent without a dot as a
 string, which would otherwise make ``lr: 5e-4`` an error.
@@ -439,8 +439,21 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+BUILTIN_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself, or, for a name like ``demo`` with no such file, qkv's built-in ``demo.yaml``."""
+    path = Path(path)
+    if not path.exists() and path.suffix == "" and (BUILTIN_CONFIGS / f"{path}.yaml").is_file():
+        return BUILTIN_CONFIGS / f"{path}.yaml"
+    return path
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in the YAML file ``path`` (an empty file is ``{}``)."""
+    """The mapping in the YAML file ``path`` (an empty file is ``{}``); a bare name such as ``demo`` or
+    ``reference`` names one of qkv's built-in configs."""
+    path = resolve_config_path(path)
     try:
         raw = Path(path).read_text(encoding="utf-8")
     except OSError as e:
