@@ -86,21 +86,30 @@ def _flat(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
 def _mask_block(
     spec: AttentionSpec, r0: int, r1: int, c0: int, c1: int, positional: bool, lengths: bool,
     dtype: torch.dtype, device: torch.device,
-) -> torch.Tensor | None:
-    """The block's additive mask ``(B|1, H|1, r, c)`` (``-inf`` = not allowed), or ``None``."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The block's additive mask ``(B|1, H|1, r, c)`` (``-inf`` = not allowed), or ``None``, and the rows
+    ``(B|1, H|1, r)`` that allow no key at all (``None`` when no row can be empty, e.g. ALiBi alone)."""
     allowed = block_allowed(spec, r0, r1, c0, c1, device, positional=positional, lengths=lengths)
     bias = block_bias(spec, r0, r1, c0, c1, device, dtype)
     if allowed is None and bias is None:
-        return None
+        return None, None
     if bias is None:
         bias = torch.zeros((), dtype=dtype, device=device)
+    empty_rows = None
     if allowed is not None:
         bias = torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=dtype, device=device))
-    bias = bias.reshape((1,) * (len(spec.batch_shape) + 3 - bias.ndim) + tuple(bias.shape))
-    lead = bias.shape[:-3]
-    if all(n == 1 for n in lead):
-        return bias.reshape(1, *bias.shape[-3:])
-    return bias.expand(*spec.batch_shape, *bias.shape[-3:]).reshape(-1, *bias.shape[-3:])
+        empty_rows = ~allowed.any(dim=-1)
+    if spec.mask is not None and spec.mask.dtype != torch.bool:
+        empty_rows = torch.isneginf(bias).all(dim=-1)  # the float mask itself may hold -inf
+    return _flat_mask(bias, spec), None if empty_rows is None else _flat_mask(empty_rows.unsqueeze(-1), spec)[..., 0]
+
+
+def _flat_mask(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """A ``(..., H|1, r, c)`` tensor broadcastable to the call as the kernel's 4-D ``(B|1, H|1, r, c)``."""
+    t = t.reshape((1,) * (len(spec.batch_shape) + 3 - t.ndim) + tuple(t.shape))
+    if all(n == 1 for n in t.shape[:-3]):
+        return t.reshape(1, *t.shape[-3:])
+    return t.expand(*spec.batch_shape, *t.shape[-3:]).reshape(-1, *t.shape[-3:])
 
 
 def fused_forward(
@@ -116,14 +125,16 @@ def fused_forward(
         acc = q4.new_zeros(*q4.shape[:2], r1 - r0, spec.value_dim)
         acc_lse = q4.new_full((*q4.shape[:2], r1 - r0), float("-inf"))
         for i, (c0, c1, positional, lengths) in enumerate(plan.key_blocks(r0, r1)):
-            mask = _mask_block(spec, r0, r1, c0, c1, positional and not is_causal, lengths, q.dtype, q.device)
+            mask, empty_rows = _mask_block(
+                spec, r0, r1, c0, c1, positional and not is_causal, lengths, q.dtype, q.device
+            )
             o, l = _FORWARD(
                 q4[:, :, r0:r1], k4[:, :, c0:c1], v4[:, :, c0:c1],
                 is_causal=is_causal, attn_mask=mask, scale=spec.scale,
             )
-            if mask is not None:
+            if empty_rows is not None:
                 # The kernel reports lse = 0 for rows with no allowed key; in qkv that is -inf.
-                l = l.masked_fill(torch.isneginf(mask).all(dim=-1), float("-inf"))
+                l = l.masked_fill(empty_rows, float("-inf"))
             if i == 0:
                 acc, acc_lse = o, l
                 continue
@@ -154,7 +165,7 @@ def fused_backward(
     for r0 in range(0, spec.q_len, bq):
         r1 = min(r0 + bq, spec.q_len)
         for c0, c1, positional, lengths in plan.key_blocks(r0, r1):
-            mask = _mask_block(spec, r0, r1, c0, c1, positional and not is_causal, lengths, q.dtype, q.device)
+            mask, _ = _mask_block(spec, r0, r1, c0, c1, positional and not is_causal, lengths, q.dtype, q.device)
             dq_b, dk_b, dv_b = _BACKWARD(
                 g4[:, :, r0:r1], q4[:, :, r0:r1], k4[:, :, c0:c1], v4[:, :, c0:c1], o4[:, :, r0:r1],
                 lse3[:, :, r0:r1], 0.0, is_causal, attn_mask=mask, scale=spec.scale,
