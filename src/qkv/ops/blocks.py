@@ -23,9 +23,7 @@ MAX_BLOCK_K = 1024
 
 def block_sizes(spec: AttentionSpec) -> tuple[int, int]:
     """Query and key block sizes ``(bq, bk)`` for a call: large matmuls within the element budget."""
-    heads = spec.heads
-    for n in spec.batch_shape:
-        heads *= n
+    heads = spec.batch_size * spec.heads
     bk = min(MAX_BLOCK_K, max(spec.kv_len, 1))
     bq = max(16, min(MAX_BLOCK_Q, BLOCK_ELEMENTS // max(1, heads * bk)))
     return min(bq, max(spec.q_len, 1)), bk

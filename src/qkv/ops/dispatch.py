@@ -28,10 +28,6 @@ from qkv.ops.spec import AttentionSpec
 from qkv.ops.triton_backend import triton_unsupported_reason
 
 
-def _empty(spec: AttentionSpec) -> bool:
-    return 0 in (*spec.batch_shape, spec.heads, spec.q_len, spec.kv_len, spec.head_dim, spec.value_dim)
-
-
 def tiled_unsupported_reason(spec: AttentionSpec) -> str | None:
     """Why the tiled backend cannot compute this call, or ``None`` if it can."""
     if spec.mask is not None and spec.mask.requires_grad:
@@ -120,7 +116,7 @@ def choose_backend(
     if device is not None and device.type == "cuda" and _triton_reason(spec, device, dtype) is None:
         return BackendChoice("triton", f"{why_not_sdpa}; the fused Triton kernels compute it exactly on the GPU "
                              "in O(N) memory")
-    if spec.q_len * spec.kv_len <= TINY_SCORES or _empty(spec):
+    if spec.q_len * spec.kv_len <= TINY_SCORES or spec.is_empty:
         return BackendChoice("math", f"{why_not_sdpa}; the input is tiny (L·S <= {TINY_SCORES}), where the "
                              "reference path has the least overhead")
     if why_not_tiled is None:

@@ -38,10 +38,7 @@ def keep_mask(
     spec: AttentionSpec, seed: int, r0: int, r1: int, c0: int, c1: int, device: torch.device
 ) -> torch.Tensor:
     """Bool ``(..., H, r, c)``: which weights of rows ``[r0, r1)`` and columns ``[c0, c1)`` survive."""
-    heads = 1
-    for n in (*spec.batch_shape, spec.heads):
-        heads *= n
-    head_index = torch.arange(heads, device=device, dtype=torch.int64).reshape(
+    head_index = torch.arange(spec.batch_size * spec.heads, device=device, dtype=torch.int64).reshape(
         *spec.batch_shape, spec.heads, 1, 1
     )
     rows = torch.arange(r0, r1, device=device, dtype=torch.int64).unsqueeze(-1)

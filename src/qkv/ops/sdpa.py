@@ -9,13 +9,11 @@ that cost is what the ``tiled`` backend exists to avoid.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from qkv.ops.masks import block_allowed, block_bias, positional_block_state
-from qkv.ops.spec import AttentionSpec
+from qkv.ops.spec import AttentionSpec, flatten_batch
 
 
 def sdpa_unsupported_reason(
@@ -37,7 +35,7 @@ def sdpa_dense_mask_reason(spec: AttentionSpec) -> str | None:
     """Why SDPA would need an ``L×S`` mask built for it (a materialized path), or ``None``."""
     if spec.alibi_slopes is not None:
         return "ALiBi would reach SDPA as a dense (H, L, S) float mask"
-    if not spec.has_positional_mask or _positional_allows_all(spec) or _plain_causal(spec):
+    if not spec.has_positional_mask or _positional_allows_all(spec) or spec.top_left_causal:
         return None
     if spec.window_left is not None or spec.window_right is not None:
         return "a sliding window would reach SDPA as a dense (L, S) mask"
@@ -49,11 +47,6 @@ def _positional_allows_all(spec: AttentionSpec) -> bool:
     return positional_block_state(spec, 0, spec.q_len, 0, spec.kv_len) == "all"
 
 
-def _plain_causal(spec: AttentionSpec) -> bool:
-    """Top-left causal and no other positional rule: SDPA's own ``is_causal``."""
-    return spec.causal and spec.offset == 0 and spec.window_left is None and spec.window_right is None
-
-
 def sdpa_mask(spec: AttentionSpec, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
     """The mask to hand SDPA and its ``is_causal`` flag.
 
@@ -62,9 +55,7 @@ def sdpa_mask(spec: AttentionSpec, device: torch.device, dtype: torch.dtype) -> 
     ``(..., H, L, S)``.
     """
     all_positions = not spec.has_positional_mask or _positional_allows_all(spec)
-    if not all_positions and _plain_causal(spec) and spec.mask is None and spec.key_lengths is None and (
-        spec.alibi_slopes is None
-    ):
+    if not all_positions and spec.only_top_left_causal:
         return None, True
     allowed = block_allowed(spec, 0, spec.q_len, 0, spec.kv_len, device, positional=not all_positions)
     bias = block_bias(spec, 0, spec.q_len, 0, spec.kv_len, device, dtype)
@@ -75,29 +66,16 @@ def sdpa_mask(spec: AttentionSpec, device: torch.device, dtype: torch.dtype) -> 
     return bias, False
 
 
-def _flatten_batch(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """``(..., X, Y, Z)`` → ``(B, X, Y, Z)``, padding or flattening the leading dims (a view if possible)."""
-    lead = t.shape[: t.ndim - 3]
-    if len(lead) == len(spec.batch_shape) and all(a == 1 for a in lead):
-        return t.reshape(1, *t.shape[-3:])
-    if tuple(lead) == spec.batch_shape:
-        return t.reshape(math.prod(spec.batch_shape), *t.shape[-3:])
-    return t.expand(*spec.batch_shape, *t.shape[-3:]).reshape(math.prod(spec.batch_shape), *t.shape[-3:])
-
-
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
 ) -> torch.Tensor:
     """Attention through SDPA. Shapes as :func:`qkv.attention`; returns ``(..., H, L, Dv)``."""
     mask, is_causal = sdpa_mask(spec, q.device, q.dtype)
-    if mask is not None:
-        mask = mask.reshape((1,) * (q.ndim - mask.ndim) + tuple(mask.shape))
-        mask = _flatten_batch(mask, spec)
     out = F.scaled_dot_product_attention(
-        _flatten_batch(q, spec),
-        _flatten_batch(k, spec),
-        _flatten_batch(v, spec),
-        attn_mask=mask,
+        flatten_batch(q, spec),
+        flatten_batch(k, spec),
+        flatten_batch(v, spec),
+        attn_mask=None if mask is None else flatten_batch(mask, spec),
         dropout_p=spec.dropout,
         is_causal=is_causal,
         scale=spec.scale,

@@ -80,6 +80,40 @@ class AttentionSpec:
         """``(..., H, L, S)``."""
         return (*self.batch_shape, self.heads, self.q_len, self.kv_len)
 
+    @property
+    def batch_size(self) -> int:
+        """The product of the batch dimensions."""
+        return math.prod(self.batch_shape)
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether some dimension of the call is 0 (nothing to compute block by block)."""
+        return 0 in (*self.batch_shape, self.heads, self.q_len, self.kv_len, self.head_dim, self.value_dim)
+
+    @property
+    def top_left_causal(self) -> bool:
+        """Causal from the top-left corner and no window: what fused kernels call ``is_causal``."""
+        return self.causal and self.offset == 0 and self.window_left is None and self.window_right is None
+
+    @property
+    def only_top_left_causal(self) -> bool:
+        """:attr:`top_left_causal` with no other mask or bias: ``is_causal=True`` is the whole call."""
+        return (
+            self.top_left_causal and self.mask is None and self.key_lengths is None and self.alibi_slopes is None
+        )
+
+
+def flatten_batch(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """A ``(..., X, Y, Z)`` tensor of the call (or broadcastable to it, like a mask) as the 4-D
+    ``(B|1, X, Y, Z)`` that fused kernels take; a view when the layout allows."""
+    t = t.reshape((1,) * (len(spec.batch_shape) + 3 - t.ndim) + tuple(t.shape))
+    lead = tuple(t.shape[:-3])
+    if all(n == 1 for n in lead):
+        return t.reshape(1, *t.shape[-3:])
+    if lead != spec.batch_shape:
+        t = t.expand(*spec.batch_shape, *t.shape[-3:])
+    return t.reshape(spec.batch_size, *t.shape[-3:])
+
 
 def _shape(t: torch.Tensor | Sequence[int]) -> str:
     return "(" + ", ".join(str(s) for s in t) + ")" if len(t) != 1 else f"({t[0]},)"

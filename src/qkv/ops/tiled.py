@@ -75,7 +75,7 @@ def tiled_attention(
 
     Inputs with an empty dimension have nothing to tile: the reference computes them.
     """
-    if 0 in (*spec.batch_shape, spec.heads, spec.q_len, spec.kv_len, spec.head_dim, spec.value_dim):
+    if spec.is_empty:
         out, weights, lse = math_attention(q, k, v, spec, seed)
         return out, weights if return_weights else None, lse
     kernel = kernel or tiled_kernel(spec, q.device)

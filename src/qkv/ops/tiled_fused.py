@@ -19,7 +19,7 @@ import torch
 
 from qkv.ops.blocks import BlockPlan
 from qkv.ops.masks import block_allowed, block_bias
-from qkv.ops.spec import AttentionSpec
+from qkv.ops.spec import AttentionSpec, flatten_batch
 
 _FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -46,16 +46,8 @@ def fused_unsupported_reason(spec: AttentionSpec, device: torch.device) -> str |
     return None
 
 
-def _plain_causal(spec: AttentionSpec) -> bool:
-    """Top-left causal and nothing else: the kernel's own ``is_causal`` covers it, no mask needed."""
-    return (
-        spec.causal and spec.offset == 0 and spec.window_left is None and spec.window_right is None
-        and spec.mask is None and spec.key_lengths is None and spec.alibi_slopes is None
-    )
-
-
 def _needs_mask(spec: AttentionSpec) -> bool:
-    return not _plain_causal(spec) and (
+    return not spec.only_top_left_causal and (
         spec.has_positional_mask or spec.mask is not None or spec.key_lengths is not None
         or spec.alibi_slopes is not None
     )
@@ -66,21 +58,13 @@ def fused_block_sizes(spec: AttentionSpec) -> tuple[int, int]:
     if not _needs_mask(spec):
         return max(spec.q_len, 1), max(spec.kv_len, 1)
     per_row_col = 1
-    batch = 1
-    for n in spec.batch_shape:
-        batch *= n
     if spec.key_lengths is not None or (spec.mask is not None and spec.mask.ndim > 3):
-        per_row_col *= batch
+        per_row_col *= spec.batch_size
     if spec.alibi_slopes is not None or (spec.mask is not None and spec.mask.shape[-3] > 1):
         per_row_col *= spec.heads
     bq = max(1, min(spec.q_len, MAX_BLOCK_Q, max(MIN_BLOCK_Q, MASK_BLOCK_ELEMENTS // max(1, spec.kv_len))))
     bk = max(1, min(spec.kv_len, MASK_BLOCK_ELEMENTS // (per_row_col * bq)))
     return bq, max(bk, min(spec.kv_len, 256))
-
-
-def _flat(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """``(..., X, Y, Z)`` → 4-D ``(B, X, Y, Z)`` as the kernel wants (a view when possible)."""
-    return t.reshape(-1, *t.shape[-3:]) if spec.batch_shape else t.unsqueeze(0)
 
 
 def _mask_block(
@@ -101,24 +85,17 @@ def _mask_block(
         empty_rows = ~allowed.any(dim=-1)
     if spec.mask is not None and spec.mask.dtype != torch.bool:
         empty_rows = torch.isneginf(bias).all(dim=-1)  # the float mask itself may hold -inf
-    return _flat_mask(bias, spec), None if empty_rows is None else _flat_mask(empty_rows.unsqueeze(-1), spec)[..., 0]
-
-
-def _flat_mask(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """A ``(..., H|1, r, c)`` tensor broadcastable to the call as the kernel's 4-D ``(B|1, H|1, r, c)``."""
-    t = t.reshape((1,) * (len(spec.batch_shape) + 3 - t.ndim) + tuple(t.shape))
-    if all(n == 1 for n in t.shape[:-3]):
-        return t.reshape(1, *t.shape[-3:])
-    return t.expand(*spec.batch_shape, *t.shape[-3:]).reshape(-1, *t.shape[-3:])
+    flat_rows = None if empty_rows is None else flatten_batch(empty_rows.unsqueeze(-1), spec)[..., 0]
+    return flatten_batch(bias, spec), flat_rows
 
 
 def fused_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, bq: int, bk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward pass. Inputs ``(..., H|Hkv, L|S, D)`` in the compute dtype; returns out and lse."""
-    q4, k4, v4 = _flat(q, spec), _flat(k, spec), _flat(v, spec)
+    q4, k4, v4 = (flatten_batch(t, spec) for t in (q, k, v))
     plan = BlockPlan(spec, bk)
-    is_causal = _plain_causal(spec)
+    is_causal = spec.only_top_left_causal
     outs, lses = [], []
     for r0 in range(0, spec.q_len, bq):
         r1 = min(r0 + bq, spec.q_len)
@@ -155,13 +132,13 @@ def fused_backward(
     d_out: torch.Tensor, spec: AttentionSpec, bq: int, bk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass, block by block with the final ``out`` and ``lse``; all in the compute dtype."""
-    q4, k4, v4, o4, g4 = (_flat(t, spec) for t in (q, k, v, out, d_out))
+    q4, k4, v4, o4, g4 = (flatten_batch(t, spec) for t in (q, k, v, out, d_out))
     # Rows with no allowed key have lse = -inf; +inf makes the kernel's exp(s - lse) = 0 there.
-    lse3 = _flat(lse.unsqueeze(-1), spec).squeeze(-1)
+    lse3 = flatten_batch(lse.unsqueeze(-1), spec).squeeze(-1)
     lse3 = torch.where(torch.isneginf(lse3), torch.full_like(lse3, float("inf")), lse3)
     dq, dk, dv = torch.zeros_like(q4), torch.zeros_like(k4), torch.zeros_like(v4)
     plan = BlockPlan(spec, bk)
-    is_causal = _plain_causal(spec)
+    is_causal = spec.only_top_left_causal
     for r0 in range(0, spec.q_len, bq):
         r1 = min(r0 + bq, spec.q_len)
         for c0, c1, positional, lengths in plan.key_blocks(r0, r1):

@@ -113,7 +113,7 @@ class Launch:
 
     @classmethod
     def build(cls, spec: AttentionSpec, q: torch.Tensor) -> Launch:
-        batch = math.prod(spec.batch_shape)
+        batch = spec.batch_size
         mask, strides, kind = _mask_view(spec, batch, q)
         slopes = q
         if spec.alibi_slopes is not None:
