@@ -80,11 +80,24 @@ def test_token_budget_counts_padding_and_every_example_appears_once(max_tokens):
 def test_bucketing_keeps_padding_low():
     examples = make_examples(2000)
     real = sum(len(s) for s, _ in examples)
-    padded = sum(b.src.numel() for b in TokenBatcher(examples, max_tokens=1000, seed=0))
+    padded = sum(b.src.numel() for b in TokenBatcher(examples, max_tokens=1000, seed=0, bucket_size=2000))
     assert real / padded > 0.85
     # Without sorting, batches of random lengths, the padding is far larger.
     unsorted = sum(b.src.numel() for b in SequentialBatcher(examples, max_tokens=1000))
     assert real / unsorted < 0.7
+
+
+@pytest.mark.parametrize("bucket_size", [1, 7, 40])
+def test_buckets_smaller_than_a_batch_still_give_full_batches(bucket_size):
+    """A bucket's partly filled last batch joins the next bucket: with every example 10 tokens and room for
+    12, all batches but one hold 12 examples, whatever the bucket size."""
+    rng = random.Random(0)
+    examples = [([rng.randint(4, 50) for _ in range(10)], [4] * 9) for _ in range(100)]
+    batcher = TokenBatcher(examples, max_tokens=120, seed=0, bucket_size=bucket_size)
+    for epoch in range(2):
+        sizes = sorted(len(b) for b in batcher.plan(epoch))
+        assert sizes == [4] + [12] * 8
+        assert sorted(i for b in batcher.plan(epoch) for i in b) == list(range(100))
 
 
 def test_same_seed_same_batches_other_epoch_or_seed_other_order():

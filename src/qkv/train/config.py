@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from qkv.data.batching import DEFAULT_BUCKET_SIZE
+
 CORPUS_NAMES = ("numbers", "dates", "copy", "reverse")
 TOKENIZER_KINDS = ("char", "word", "sentencepiece")
 SENTENCEPIECE_TYPES = ("unigram", "bpe")
@@ -320,7 +322,7 @@ class TrainingConfig(Section):
     max_steps: int = _opt(10_000, int_at_least(1))
     max_tokens: int = _opt(4096, int_at_least(2))
     accumulate: int = _opt(1, int_at_least(1))
-    bucket_size: int = _opt(4096, int_at_least(1))
+    bucket_size: int = _opt(DEFAULT_BUCKET_SIZE, int_at_least(1))
     lr: float = _opt(5e-4, positive_number)
     betas: list[float] = _opt([0.9, 0.98], betas)
     adam_eps: float = _opt(1e-9, positive_number)
