@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from qkv.data.corpus import generate_corpus, write_corpus
 from qkv.train.checkpoint_io import step_checkpoints
 from qkv.train.config import Config
@@ -61,3 +63,21 @@ def test_validation_loss_goes_down(tmp_path, make_config):
     run(config)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and losses[1] < losses[0]
+
+
+def test_rnn_model_trains_resumes_and_translates_with_attention(tmp_path, make_config):
+    config = make_config(tmp_path / "run", training={"max_steps": 8, "valid_every": 4})
+    config["model"] = {
+        "type": "rnn", "embed_dim": 16, "hidden_dim": 16, "cell": "lstm", "attention": "luong_general",
+        "dropout": 0.1,
+    }
+    config["output"]["checkpoint_every"] = 4
+    assert run(config).step == 8
+    meta = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
+    assert meta["model_type"] == "rnn" and meta["cell"] == "lstm"
+    config["training"]["max_steps"] = 12
+    assert run(config, resume=True).step == 12
+    [result] = Translator.load(tmp_path / "run").translate(["a b c"], beam=2, need_attention=True)
+    attention = result.hypothesis.cross_attention
+    assert attention.shape[-2:] == (len(result.tgt_tokens), len(result.src_tokens))
+    assert torch.allclose(attention.sum(-1), torch.ones(()))

@@ -267,14 +267,6 @@ class ModelConfig:
         params = {key: value for key, value in data.items() if key != "type"}
         config = cls(kind, params)
         config.build(src_vocab_size=16, tgt_vocab_size=16, prefix=prefix)  # validates the values
-        from qkv.models.checkpoint import MODEL_TYPES as SAVABLE
-        from qkv.models.rnn import RNNSeq2Seq
-
-        if kind == "rnn" and RNNSeq2Seq.model_type not in SAVABLE:
-            raise ConfigError(
-                f"{prefix}.type: rnn models cannot be trained into a model directory yet: "
-                "qkv.models.checkpoint.save_model does not know RNNSeq2Seq; use type: transformer"
-            )
         return config
 
     def valid_keys(self) -> list[str]:
