@@ -129,7 +129,7 @@ def test_tied_and_shared_embeddings() -> None:
 def test_initialization_is_xavier_with_zero_biases() -> None:
     """Every linear weight but the output projection has Xavier's variance 2 / (fan_in + fan_out); biases are
     zero; embeddings and an untied output projection have variance 1 / E. A variance estimated from n weights
-    is within 4·√(2/n) of the truth but for a 1e-4 chance; nn.Linear's default is 2/3 or less of Xavier's."""
+    is within 4·√(2/n) of the truth but for a 1e-4 chance; nn.Linear's default is at most 5/6 of Xavier's here."""
     model = make_model(d_model=64, ffn_dim=256, tie_embeddings=False)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 2 * 6 + 2 * 10 + 1  # encoder 4 attention + 2 FFN, decoder 8 + 2, output
