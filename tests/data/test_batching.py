@@ -158,6 +158,9 @@ def test_resume_refuses_other_data_or_settings():
     other = [(src, tgt[:-1] if tgt else tgt) for src, tgt in examples]
     with pytest.raises(DataError, match="cannot resume: the saved batcher had fingerprint"):
         TokenBatcher(other, max_tokens=500, seed=3).load_state_dict(state)
+    older = {key: value for key, value in state.items() if key != "plan_version"}  # before the rule had a number
+    with pytest.raises(DataError, match="cannot resume: the saved batcher planned its batches by rule 1"):
+        TokenBatcher(examples, max_tokens=500, seed=3).load_state_dict(older)
 
 
 def test_bad_examples_are_named():

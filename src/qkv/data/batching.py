@@ -49,6 +49,9 @@ from qkv.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Example
 
 T = TypeVar("T")
 DEFAULT_BUCKET_SIZE = 256
+# The planning rule's version, kept in a TokenBatcher's state: 2 carries a bucket's partial last batch into
+# the next bucket (1, before it, did not). A position from another rule points into other batches.
+PLAN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,7 @@ class TokenBatcher:
         return {
             "epoch": self._position.epoch,
             "batch": self._position.batch,
+            "plan_version": PLAN_VERSION,
             "seed": self.seed,
             "max_tokens": self.max_tokens,
             "bucket_size": self.bucket_size,
@@ -284,6 +288,13 @@ class TokenBatcher:
         """Continue from ``state`` (from :meth:`state_dict`); ``DataError`` if it was made with other data or
         settings, which would silently give other batches."""
         mine = self.state_dict()
+        saved_version = state.get("plan_version", 1)
+        if saved_version != PLAN_VERSION:
+            raise DataError(
+                f"cannot resume: the saved batcher planned its batches by rule {saved_version} (an older qkv) and "
+                f"this one by rule {PLAN_VERSION}; continuing mid-epoch would repeat or skip examples. Resume "
+                "with the qkv version that started the run, or start a new run"
+            )
         for key in ("seed", "max_tokens", "bucket_size", "num_examples", "fingerprint"):
             if key not in state:
                 raise DataError(f"batcher state lacks {key!r}; expected the keys of TokenBatcher.state_dict()")
