@@ -14,6 +14,7 @@ import torch
 from qkv.ops.spec import AttentionSpec
 
 _M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9  # 2**32 / golden ratio: decorrelates the seed's two halves
 
 
 def draw_seed(generator: torch.Generator | None) -> int:
@@ -22,29 +23,46 @@ def draw_seed(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finalizer (xorshift-multiply) on int64 tensors holding values < 2**32.
-
-    Multipliers are below 2**31, so no product overflows int64.
-    """
-    x = x ^ (x >> 16)
+def mix32(x: int) -> int:
+    """The 32-bit finalizer of :func:`keep_mask` on a Python int ``< 2**32`` (xorshift-multiply, "lowbias32")."""
+    x ^= x >> 16
     x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
+    x ^= x >> 15
     x = (x * 0x2C1B3C6D) & _M32
     return x ^ (x >> 16)
+
+
+def seed_keys(seed: int) -> tuple[int, int]:
+    """Two 32-bit keys from a 62-bit seed: ``k1`` is XORed into every index, ``k2`` (odd) weighs its high half."""
+    k1 = mix32((seed & _M32) ^ mix32(((seed >> 32) & _M32) ^ _GOLDEN))
+    return k1, mix32(k1 ^ _GOLDEN) | 1
 
 
 def keep_mask(
     spec: AttentionSpec, seed: int, r0: int, r1: int, c0: int, c1: int, device: torch.device
 ) -> torch.Tensor:
-    """Bool ``(..., H, r, c)``: which weights of rows ``[r0, r1)`` and columns ``[c0, c1)`` survive."""
+    """Bool ``(..., H, r, c)``: which weights of rows ``[r0, r1)`` and columns ``[c0, c1)`` survive.
+
+    Weight ``(b·h, i, j)`` has linear index ``n = (b·h · L + i) · S + j`` and survives when
+    ``mix32(((n mod 2**32) ^ k1) + k2 · (n >> 32)) >= round(p · 2**32)`` (the high-half term is zero, and
+    skipped, while ``B·H·L·S <= 2**32``). One finalizer round, computed in place on one int64 tensor and one
+    scratch tensor: each block costs about a dozen passes over it.
+    """
+    k1, k2 = seed_keys(seed)
     head_index = torch.arange(spec.batch_size * spec.heads, device=device, dtype=torch.int64).reshape(
         *spec.batch_shape, spec.heads, 1, 1
     )
     rows = torch.arange(r0, r1, device=device, dtype=torch.int64).unsqueeze(-1)
     cols = torch.arange(c0, c1, device=device, dtype=torch.int64)
-    index = (head_index * spec.q_len + rows) * spec.kv_len + cols
-    x = _mix32((index & _M32) ^ (seed & _M32))
-    x = _mix32(x ^ (index >> 32) ^ ((seed >> 32) & _M32))
-    threshold = int(round(spec.dropout * 2**32))
-    return x >= threshold
+    x = (head_index * spec.q_len + rows) * spec.kv_len + cols
+    if spec.batch_size * spec.heads * spec.q_len * spec.kv_len > 2**32:
+        high = (x >> 32).mul_(k2)
+        x.bitwise_and_(_M32).bitwise_xor_(k1).add_(high).bitwise_and_(_M32)
+    else:
+        x.bitwise_xor_(k1)
+    scratch = torch.empty_like(x)
+    for multiplier, shift in ((0x7FEB352D, 16), (0x2C1B3C6D, 15), (None, 16)):
+        x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=scratch))
+        if multiplier is not None:
+            x.mul_(multiplier).bitwise_and_(_M32)  # multipliers < 2**31: no int64 overflow
+    return x >= int(round(spec.dropout * 2**32))
