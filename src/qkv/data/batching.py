@@ -188,8 +188,9 @@ class TokenBatcher:
             examples: ``(source ids, target ids)`` pairs; every source non-empty.
             max_tokens: the most padded tokens a batch may have (see :func:`padded_tokens`).
             seed: the plan of epoch ``e`` depends only on ``(seed, e)``.
-            bucket_size: examples sorted by length together. A batch never spans two buckets, so this should
-                be many times the examples of a batch; larger means less padding and less randomness.
+            bucket_size: examples sorted by length together (plus the partial last batch carried from the
+                previous bucket); larger means less padding and batches of more uniform length, 1 random
+                batches. See the module docstring for the trade-off.
             pad_id, bos_id, eos_id: the special ids (qkv's tokenizers: 0, 1, 2).
 
         Raises:
