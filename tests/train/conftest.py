@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 
 TINY: dict[str, Any] = {
@@ -24,12 +23,8 @@ TINY: dict[str, Any] = {
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run many times faster on one thread, most of all on a busy machine (no spinning workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _train_on_one_thread(one_thread: None) -> None:
+    """Applies ``one_thread`` (``tests/conftest.py``) to every test in this directory."""
 
 
 def tiny_config(out_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
