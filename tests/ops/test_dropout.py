@@ -196,3 +196,16 @@ def test_indices_past_two_to_the_32_use_their_high_bits() -> None:
     high = keep_mask(spec, 7, rows_per_2_32, rows_per_2_32 + 8, 0, 8192, q.device)
     assert high.float().mean().item() == pytest.approx(0.5, abs=0.01)
     assert (low == high).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_keep_mask_is_its_documented_formula() -> None:
+    """Every decision equals ``mix32((n ^ k1)) >= round(p·2**32)`` computed on Python ints, the definition that
+    any other implementation (a GPU kernel) must reproduce."""
+    from qkv.ops.dropout import mix32, seed_keys
+
+    q, k, v = make_qkv(heads=2, kv_heads=2, q_len=3, kv_len=5)
+    spec = build_spec(q, k, v, dropout=0.4)
+    k1, _ = seed_keys(77)
+    keep = keep_mask(spec, 77, 0, 3, 0, 5, q.device).reshape(-1)
+    expected = [mix32(n ^ k1) >= round(0.4 * 2**32) for n in range(keep.numel())]
+    assert keep.tolist() == expected

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from qkv.models.interface import DecoderOutput, Seq2SeqModel
+from qkv.ops.spec import is_integer_tensor
 
 
 @dataclass
@@ -66,12 +67,7 @@ def length_limits(
     if not isinstance(src, torch.Tensor) or src.ndim != 2 or src.shape[0] == 0:
         got = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src).__name__
         raise ValueError(f"src must be a (B, S) tensor of token ids with B >= 1; got {got}")
-    if (
-        not isinstance(src_lengths, torch.Tensor)
-        or src_lengths.dtype.is_floating_point
-        or src_lengths.dtype == torch.bool
-        or tuple(src_lengths.shape) != (src.shape[0],)
-    ):
+    if not is_integer_tensor(src_lengths) or tuple(src_lengths.shape) != (src.shape[0],):
         got = (
             f"{src_lengths.dtype} {tuple(src_lengths.shape)}"
             if isinstance(src_lengths, torch.Tensor)

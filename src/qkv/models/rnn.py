@@ -36,6 +36,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from qkv.models.interface import DecoderOutput, EncoderOutput
 from qkv.nn import AdditiveAttention, LuongAttention
+from qkv.nn.kv_cache import check_row_indices
+from qkv.ops.spec import is_integer_tensor
 
 CELLS = ("gru", "lstm")
 ATTENTIONS = ("bahdanau", "luong_dot", "luong_general")
@@ -148,21 +150,7 @@ class RNNDecoderState:
 
     def reorder(self, indices: torch.Tensor) -> None:
         """Keep batch rows ``indices (B_new,)`` (in that order; rows may repeat), in place."""
-        if (
-            not isinstance(indices, torch.Tensor)
-            or indices.ndim != 1
-            or indices.dtype.is_floating_point
-            or indices.dtype == torch.bool
-            or indices.is_complex()
-        ):
-            got = f"shape {tuple(indices.shape)}, {indices.dtype}" if isinstance(indices, torch.Tensor) else indices
-            raise ValueError(f"indices must be a 1-D integer tensor (B_new,); got {got}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.batch_size):
-            raise ValueError(
-                f"indices must lie in [0, B={self.batch_size}); got values from {int(indices.min())} "
-                f"to {int(indices.max())}"
-            )
-        indices = indices.to(self.hidden.device)
+        indices = check_row_indices(indices, self.batch_size).to(self.hidden.device)
         self.hidden = self.hidden.index_select(1, indices)
         if self.cell is not None:
             self.cell = self.cell.index_select(1, indices)
@@ -347,12 +335,7 @@ def _check_tokens(name: str, tokens: object, vocab: int) -> None:
 
 def _check_lengths(lengths: object, src: torch.Tensor) -> None:
     """``lengths`` must be an integer ``(B,)`` tensor in ``[1, S]``."""
-    if (
-        not isinstance(lengths, torch.Tensor)
-        or lengths.dtype.is_floating_point
-        or lengths.dtype == torch.bool
-        or lengths.is_complex()
-    ):
+    if not is_integer_tensor(lengths):
         got = lengths.dtype if isinstance(lengths, torch.Tensor) else type(lengths).__name__
         raise ValueError(f"src_lengths must be an integer tensor of shape (B,); got {got}")
     batch, src_len = src.shape

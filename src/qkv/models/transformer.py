@@ -41,6 +41,7 @@ from qkv.nn import (
     TransformerDecoderLayer,
     TransformerEncoderLayer,
 )
+from qkv.ops.spec import is_integer_tensor
 
 
 def check_tokens(
@@ -49,7 +50,7 @@ def check_tokens(
     """``tokens`` must be a non-empty 2-D integer tensor of ids in ``[0, vocab_size)``."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids {shape}; got {type(tokens).__name__}")
-    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
+    if not is_integer_tensor(tokens):
         raise TypeError(f"{name} must hold integer token ids; got dtype {tokens.dtype}")
     if tokens.ndim != 2:
         raise ValueError(f"{name} must have shape {shape}; got {tuple(tokens.shape)}")
@@ -67,7 +68,7 @@ def check_lengths(name: str, lengths: object, batch: int, max_len: int) -> torch
     """``lengths`` must be an integer ``(B,)`` tensor with values in ``[1, max_len]``."""
     if not isinstance(lengths, torch.Tensor):
         raise TypeError(f"{name} must be an integer tensor (B,); got {type(lengths).__name__}")
-    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
+    if not is_integer_tensor(lengths):
         raise TypeError(f"{name} must be an integer tensor; got dtype {lengths.dtype}")
     if tuple(lengths.shape) != (batch,):
         raise ValueError(f"{name} has shape {tuple(lengths.shape)}; expected (B,) = ({batch},)")

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from qkv.ops.spec import is_integer_tensor
+
 
 class KVCache:
     """Keys ``(B, Hkv, S, D)`` and values ``(B, Hkv, S, Dv)`` of one attention layer.
@@ -94,30 +96,31 @@ class KVCache:
         Returns:
             ``self``, for chaining.
         """
-        if (
-            not isinstance(indices, torch.Tensor)
-            or indices.ndim != 1
-            or indices.dtype.is_floating_point
-            or indices.dtype == torch.bool
-            or indices.is_complex()
-        ):
-            got = (
-                f"{indices.dtype} tensor of shape {tuple(indices.shape)}"
-                if isinstance(indices, torch.Tensor)
-                else type(indices).__name__
-            )
-            raise ValueError(f"indices must be a 1-D integer tensor (B_new,); got {got}")
         if self.k is None or self.v is None:
+            check_row_indices(indices, None)
             return self
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.k.shape[0]):
-            raise ValueError(
-                f"indices must lie in [0, B={self.k.shape[0]}); got values from {int(indices.min())} "
-                f"to {int(indices.max())}"
-            )
-        indices = indices.to(self.k.device)
+        indices = check_row_indices(indices, self.k.shape[0]).to(self.k.device)
         self.k = self.k.index_select(0, indices)
         self.v = self.v.index_select(0, indices)
         return self
+
+
+def check_row_indices(indices: object, batch: int | None) -> torch.Tensor:
+    """``indices`` for reordering the rows of a decoder state: a 1-D integer tensor ``(B_new,)`` with values in
+    ``[0, batch)`` (not checked when ``batch`` is None: nothing is stored yet). Returns it."""
+    if not is_integer_tensor(indices) or indices.ndim != 1:  # type: ignore[union-attr]
+        got = (
+            f"{indices.dtype} tensor of shape {tuple(indices.shape)}"
+            if isinstance(indices, torch.Tensor)
+            else type(indices).__name__
+        )
+        raise ValueError(f"indices must be a 1-D integer tensor (B_new,); got {got}")
+    assert isinstance(indices, torch.Tensor)
+    if batch is not None and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= batch):
+        raise ValueError(
+            f"indices must lie in [0, B={batch}); got values from {int(indices.min())} to {int(indices.max())}"
+        )
+    return indices
 
 
 def _check_pair(k: torch.Tensor, v: torch.Tensor) -> None:

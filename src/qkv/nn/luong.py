@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from qkv.ops import attention
+from qkv.ops.spec import is_integer_tensor
 
 SCORES = ("dot", "general")
 
@@ -122,12 +123,7 @@ def _check_mask(mask: object, batch: int, q_len: int, src_len: int, single_step:
 
 
 def _check_key_lengths(key_lengths: object, batch: int, src_len: int) -> None:
-    if (
-        not isinstance(key_lengths, torch.Tensor)
-        or key_lengths.dtype.is_floating_point
-        or key_lengths.dtype == torch.bool
-        or key_lengths.is_complex()
-    ):
+    if not is_integer_tensor(key_lengths):
         got = key_lengths.dtype if isinstance(key_lengths, torch.Tensor) else type(key_lengths).__name__
         raise TypeError(f"key_lengths must be an integer tensor of shape (B,); got {got}")
     if tuple(key_lengths.shape) != (batch,):

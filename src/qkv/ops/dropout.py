@@ -14,6 +14,9 @@ import torch
 from qkv.ops.spec import AttentionSpec
 
 _M32 = 0xFFFFFFFF
+# The 32-bit finalizer ("lowbias32"): x ^= x >> shift, then x = (x · multiplier) mod 2**32 where one is given.
+# Multipliers are below 2**31, so on int64 tensors holding values < 2**32 no product overflows.
+_FINALIZER = ((16, 0x7FEB352D), (15, 0x2C1B3C6D), (16, None))
 _GOLDEN = 0x9E3779B9  # 2**32 / golden ratio: decorrelates the seed's two halves
 
 
@@ -25,11 +28,11 @@ def draw_seed(generator: torch.Generator | None) -> int:
 
 def mix32(x: int) -> int:
     """The 32-bit finalizer of :func:`keep_mask` on a Python int ``< 2**32`` (xorshift-multiply, "lowbias32")."""
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x2C1B3C6D) & _M32
-    return x ^ (x >> 16)
+    for shift, multiplier in _FINALIZER:
+        x ^= x >> shift
+        if multiplier is not None:
+            x = (x * multiplier) & _M32
+    return x
 
 
 def seed_keys(seed: int) -> tuple[int, int]:
@@ -61,8 +64,8 @@ def keep_mask(
     else:
         x.bitwise_xor_(k1)
     scratch = torch.empty_like(x)
-    for multiplier, shift in ((0x7FEB352D, 16), (0x2C1B3C6D, 15), (None, 16)):
+    for shift, multiplier in _FINALIZER:  # mix32, in place
         x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=scratch))
         if multiplier is not None:
-            x.mul_(multiplier).bitwise_and_(_M32)  # multipliers < 2**31: no int64 overflow
+            x.mul_(multiplier).bitwise_and_(_M32)
     return x >= int(round(spec.dropout * 2**32))

@@ -115,6 +115,11 @@ def flatten_batch(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     return t.reshape(spec.batch_size, *t.shape[-3:])
 
 
+def is_integer_tensor(x: object) -> bool:
+    """Whether ``x`` is a tensor of an integer dtype (not floating point, complex or bool)."""
+    return isinstance(x, torch.Tensor) and not (x.dtype.is_floating_point or x.is_complex() or x.dtype == torch.bool)
+
+
 def _shape(t: torch.Tensor | Sequence[int]) -> str:
     return "(" + ", ".join(str(s) for s in t) + ")" if len(t) != 1 else f"({t[0]},)"
 
@@ -191,7 +196,7 @@ def _check_key_lengths(
         except (TypeError, ValueError, RuntimeError) as e:
             raise TypeError(f"key_lengths must be an integer tensor of shape (B,); got {key_lengths!r}") from e
     assert isinstance(key_lengths, torch.Tensor)
-    if key_lengths.dtype.is_floating_point or key_lengths.dtype == torch.bool or key_lengths.is_complex():
+    if not is_integer_tensor(key_lengths):
         raise TypeError(f"key_lengths must be an integer tensor; got dtype {key_lengths.dtype}")
     if tuple(key_lengths.shape) != batch_shape:
         raise ValueError(
