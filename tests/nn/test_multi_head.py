@@ -317,3 +317,27 @@ def test_cache_batch_differs_from_query() -> None:
     mha(torch.randn(2, 3, 8), cache=cache)
     with pytest.raises(ValueError, match=r"query has batch size 3 but the cache holds 2"):
         mha(torch.randn(3, 1, 8), cache=cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("which", ["query", "key", "value"])
+def test_input_of_another_dtype_is_named(which: str, dtype: torch.dtype) -> None:
+    """Once torch's raw 'mat1 and mat2 must have the same dtype'."""
+    mha = MultiHeadAttention(8, 2)
+    inputs = {name: torch.randn(2, 3, 8) for name in ("query", "key", "value")}
+    inputs[which] = inputs[which].to(dtype)
+    expected = rf"{which} has dtype {dtype} but the module's parameters are torch.float32; convert"
+    with pytest.raises(TypeError, match=expected):
+        mha(inputs["query"], inputs["key"], inputs["value"])
+
+
+def test_token_ids_are_refused_with_a_hint() -> None:
+    with pytest.raises(TypeError, match=r"query must be a floating-point tensor.*got dtype torch.int64.*embedding"):
+        MultiHeadAttention(8, 2)(torch.ones(2, 3, 8, dtype=torch.int64))
+
+
+def test_autocast_inputs_of_another_dtype_are_accepted() -> None:
+    mha = MultiHeadAttention(8, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = mha(torch.randn(2, 3, 8).to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16

@@ -21,9 +21,9 @@ import torch
 BACKENDS_UNDER_TEST = ["math", "tiled"]
 # Entry points that accept every call: those backends and "auto", whatever it dispatches to.
 EVERY_CALL_BACKENDS = [*BACKENDS_UNDER_TEST, "auto"]
-# Backends whose returned weights and lse carry gradients (tiled recomputes them outside autograd; auto
-# switches to math when they are asked for while the inputs require grad).
-DIFFERENTIABLE_EXTRAS_BACKENDS = ["math", "auto"]
+# Backends whose returned weights and lse carry gradients (auto switches to math when they are asked for
+# while the inputs require grad; tiled then computes them with the reference formula beside its output).
+DIFFERENTIABLE_EXTRAS_BACKENDS = ["math", "tiled", "auto"]
 # Backends compared with F.scaled_dot_product_attention on the calls SDPA can express.
 SDPA_PARITY_BACKENDS = [*BACKENDS_UNDER_TEST, "torch", "auto"]
 
@@ -264,6 +264,13 @@ REFERENCE_CASES = [
     Call("plain_mha", kv_heads=4),
     Call("mqa", kv_heads=1),
     Call("scale", features=lambda c: {"scale": 1.9}),
+    # Scales <= 0 with is_causal once reached PyTorch's CPU flash kernel, which returns NaN for them.
+    Call("negative_scale_top_left", features=lambda c: {"scale": -0.5, "causal": "top_left"}),
+    Call("negative_scale_causal", q_len=7, kv_len=7, features=lambda c: {"scale": -1.3, "causal": True}),
+    Call("zero_scale_top_left", features=lambda c: {"scale": 0.0, "causal": "top_left"}),
+    Call("tiny_scale_top_left", features=lambda c: {"scale": 1e-9, "causal": "top_left"}),
+    Call("negative_scale_masks", features=lambda c: {
+        "scale": -0.8, "key_lengths": torch.tensor([3, 7]), "window": (2, 1)}),
     Call("key_lengths", features=lambda c: {"key_lengths": torch.tensor([0, 4])}),
     Call("key_lengths_full", features=lambda c: {"key_lengths": torch.tensor([7, 1])}),
     Call("causal_L<S", features=lambda c: {"causal": True}),

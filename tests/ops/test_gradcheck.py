@@ -49,7 +49,23 @@ BACKEND_CASES = [(b, c) for b in EVERY_CALL_BACKENDS for c in CASES] + [
 def test_gradcheck(backend: str, case: str) -> None:
     q, k, v = make_qkv(**SHAPE, requires_grad=True)
     kw = _features(case)
-    assert gradcheck(lambda q, k, v: qkv.attention(q, k, v, backend=backend, **kw), (q, k, v))
+    assert gradcheck(
+        lambda q, k, v: qkv.attention(q, k, v, backend=backend, **kw), (q, k, v), check_batched_grad=True
+    )
+
+
+@pytest.mark.parametrize("backend", EVERY_CALL_BACKENDS)
+@pytest.mark.parametrize("case", ["masks", "alibi_softcap"])
+def test_gradcheck_with_dropout(backend: str, case: str) -> None:
+    """Dropout's pattern comes from a seed drawn from the generator: a fresh generator per call makes
+    the function deterministic, so finite differences (and batched gradients) apply."""
+    q, k, v = make_qkv(**SHAPE, requires_grad=True)
+    kw = _features(case)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return qkv.attention(q, k, v, backend=backend, dropout=0.3, generator=torch.Generator().manual_seed(5), **kw)
+
+    assert gradcheck(attend, (q, k, v), check_batched_grad=True)
 
 
 @pytest.mark.parametrize("backend", DIFFERENTIABLE_EXTRAS_BACKENDS)
@@ -62,7 +78,7 @@ def test_gradcheck_weights_and_lse(backend: str) -> None:
     assert [t.requires_grad for t in outputs] == [True, True, True]
     assert gradcheck(
         lambda q, k, v: qkv.attention(q, k, v, return_weights=True, return_lse=True, backend=backend, **kw),
-        (q, k, v),
+        (q, k, v), check_batched_grad=True,
     )
 
 

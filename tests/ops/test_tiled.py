@@ -101,10 +101,30 @@ def test_dropout_is_reproducible_and_equals_math_forward_and_backward() -> None:
     assert not torch.allclose(other, results[0][0])
 
 
-def test_seed_is_drawn_once_per_call() -> None:
-    g = make_gen(1)
-    expected_seed = draw_seed(make_gen(1))
-    assert draw_seed(g) == expected_seed and draw_seed(g) != expected_seed
+@pytest.mark.parametrize("source", ["generator", "global_rng"])
+def test_seed_is_drawn_once_per_call(source: str) -> None:
+    """A dropout call advances its RNG exactly as one ``draw_seed`` does, in the forward only; the backward
+    draws nothing and reuses the forward's keep pattern (the zeros of the returned weights)."""
+    p = 0.3
+    q, k, v = LONG.tensors(requires_grad=True)
+    generator = make_gen(1) if source == "generator" else None
+    torch.manual_seed(1)
+    rng = generator if generator is not None else torch.default_generator
+    start = rng.get_state()
+    draw_seed(generator)
+    after_one_draw = rng.get_state()
+    rng.set_state(start)
+
+    out, weights = qkv.attention(
+        q, k, v, dropout=p, generator=generator, return_weights=True, backend="tiled", causal=True
+    )
+    assert torch.equal(rng.get_state(), after_one_draw), "the forward must draw exactly one seed"
+    got = grads(out, (q, k, v))
+    assert torch.equal(rng.get_state(), after_one_draw), "the backward must not draw"
+    ref_out, _, _ = reference_attention(q, k, v, dropout=p, keep=weights != 0, causal=True)
+    assert_close(out, ref_out, torch.float64)
+    for got_grad, want in zip(got, grads(ref_out, (q, k, v)), strict=True):
+        assert_close(got_grad, want, torch.float64)
 
 
 def test_attention_weights_recomputes_any_slice_from_lse() -> None:
@@ -174,3 +194,55 @@ def test_tiled_allocates_far_less_than_the_score_matrix(kernel: str) -> None:
     assert math_peak > 4 * score_bytes, (math_peak, score_bytes)
     # ...and the tiled path stays below one: its scratch is a few bounded blocks, whatever the length.
     assert tiled_peak < score_bytes and tiled_peak < math_peak / 6, (tiled_peak, math_peak, score_bytes)
+
+
+# --- batched gradients and torch.func ---------------------------------------------------------------------
+
+VMAP_FEATURES = {
+    "fused_causal": {"causal": True},
+    "fused_window_lengths": {"window": (3, 2), "key_lengths": torch.tensor([5, 9])},
+    "online_softcap": {"softcap": 2.0, "causal": "top_left"},
+}
+
+
+@pytest.mark.parametrize("features", VMAP_FEATURES.values(), ids=VMAP_FEATURES.keys())
+def test_batched_gradients_equal_one_at_a_time(features: dict) -> None:
+    """``is_grads_batched=True`` (what ``gradcheck(check_batched_grad=True)`` and Jacobians use) once
+    raised ``Batching rule not implemented for aten::alias`` on the tiled backward."""
+    q, k, v = make_qkv(batch=(2,), heads=2, kv_heads=1, q_len=9, kv_len=9, head_dim=4, value_dim=4,
+                       requires_grad=True)
+    out = qkv.attention(q, k, v, backend="tiled", **features)
+    upstream = torch.randn(3, *out.shape, generator=make_gen(4), dtype=torch.float64)
+    batched = torch.autograd.grad(out, (q, k, v), upstream, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        single = torch.autograd.grad(out, (q, k, v), upstream[i], retain_graph=True)
+        for got, want in zip(batched, single, strict=True):
+            torch.testing.assert_close(got[i], want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("features", VMAP_FEATURES.values(), ids=VMAP_FEATURES.keys())
+def test_vmap_and_jacobian_match_math(features: dict) -> None:
+    q, k, v = make_qkv(batch=(2,), heads=2, kv_heads=1, q_len=9, kv_len=9, head_dim=4, value_dim=4)
+    qs, ks, vs = (torch.stack([t, t.flip(-2), 2 * t]) for t in (q, k, v))
+
+    def tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return qkv.attention(q, k, v, backend="tiled", **features)
+
+    def math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return qkv.attention(q, k, v, backend="math", **features)
+
+    torch.testing.assert_close(torch.func.vmap(tiled)(qs, ks, vs), torch.func.vmap(math)(qs, ks, vs))
+    torch.testing.assert_close(torch.func.vmap(tiled, in_dims=(0, None, None))(qs, k, v),
+                               torch.stack([math(x, k, v) for x in qs]))
+    for argnum in range(3):
+        torch.testing.assert_close(torch.func.jacrev(tiled, argnums=argnum)(q, k, v),
+                                   torch.func.jacrev(math, argnums=argnum)(q, k, v))
+
+
+def test_double_backward_is_refused_clearly() -> None:
+    q, k, v = make_qkv(batch=(1,), heads=1, kv_heads=1, q_len=4, kv_len=4, head_dim=2, value_dim=2,
+                       requires_grad=True)
+    out = qkv.attention(q, k, v, backend="tiled", causal=True)
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="first derivatives only.*backend='math'"):
+        dq.sum().backward()

@@ -43,6 +43,20 @@ def _check_rank3(name: str, t: object, expected: str, dim_name: str, last: int) 
     return t
 
 
+def check_input_dtype(name: str, t: torch.Tensor, weight: torch.Tensor) -> None:
+    """``t`` must be floating point and, outside autocast, of the module's parameter dtype."""
+    if not t.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must be a floating-point tensor of embeddings; got dtype {t.dtype} "
+            "(token ids go through an embedding layer first)"
+        )
+    if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
+        raise TypeError(
+            f"{name} has dtype {t.dtype} but the module's parameters are {weight.dtype}; convert the input "
+            f"({name}.to({weight.dtype})) or the module (module.to({t.dtype}))"
+        )
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention, ``out_proj(concat_h softmax(q_h·k_hᵀ/√d + masks)·v_h)``.
 
@@ -176,6 +190,7 @@ class MultiHeadAttention(nn.Module):
             or ``None`` without ``need_weights``.
         """
         query = _check_rank3("query", query, "(B, L, E)", "E", self.embed_dim)
+        check_input_dtype("query", query, self.q_proj.weight)
         if average_weights and not need_weights:
             raise ValueError("average_weights=True needs need_weights=True; got need_weights=False")
         if cache is not None and not isinstance(cache, KVCache):
@@ -246,8 +261,10 @@ class MultiHeadAttention(nn.Module):
                 )
             return query, query
         key = _check_rank3("key", key, "(B, S, kdim)", "kdim", self.kdim)
+        check_input_dtype("key", key, self.k_proj.weight)
         value = key if value is None else value
         value = _check_rank3("value", value, "(B, S, vdim)", "vdim", self.vdim)
+        check_input_dtype("value", value, self.v_proj.weight)
         if key.shape[0] != query.shape[0]:
             raise ValueError(
                 f"key has batch size {key.shape[0]} (shape {tuple(key.shape)}) but query has "

@@ -6,6 +6,7 @@ import torch
 
 from qkv.ops.dispatch import BackendChoice, check_backend, choose_backend
 from qkv.ops.dropout import draw_seed
+from qkv.ops.masks import drop_unreachable
 from qkv.ops.math import math_attention
 from qkv.ops.sdpa import sdpa_attention
 from qkv.ops.spec import build_spec
@@ -65,6 +66,14 @@ def attention(
         ``out (..., H, L, Dv)``, or a tuple ``(out, weights)``, ``(out, lse)`` or ``(out, weights, lse)``.
 
     Rows whose keys are all masked give zeros in ``out`` and ``weights`` (never NaN) and ``lse = -inf``.
+    Keys and values that no query may attend (beyond ``key_lengths``, outside every query's causal or
+    window reach, or masked out for every query by ``mask``) never influence the result on any backend,
+    even when they hold NaN or inf: padding and unused cache slots may hold garbage. A non-finite key or
+    value that some query does attend makes the output non-finite.
+
+    Gradients: ``out`` is differentiable on every backend. When q, k or v require grad, ``weights`` and
+    ``lse`` are differentiable too: on ``tiled`` and ``triton`` they then come from the reference
+    formula (O(L·S) memory, as the weights themselves), while ``out`` keeps the backend's O(N) path.
     """
     backend = check_backend(backend)
     spec = build_spec(
@@ -75,13 +84,16 @@ def attention(
         spec, backend, return_weights=return_weights, return_lse=return_lse, generator=generator,
         device=q.device, dtype=q.dtype, inputs_require_grad=_require_grad(q, k, v),
     )
+    k, v = drop_unreachable(k, v, spec)
     if choice.backend == "torch":
         return sdpa_attention(q, k, v, spec)
     seed = draw_seed(generator) if spec.dropout > 0 else None
-    if choice.backend == "tiled":
-        out, weights, lse = tiled_attention(q, k, v, spec, seed, return_weights)
-    elif choice.backend == "triton":
-        out, weights, lse = triton_attention(q, k, v, spec, seed, return_weights)
+    differentiable_extras = (return_weights or return_lse) and _require_grad(q, k, v)
+    if choice.backend in ("tiled", "triton"):
+        run = tiled_attention if choice.backend == "tiled" else triton_attention
+        out, weights, lse = run(q, k, v, spec, seed, return_weights and not differentiable_extras)
+        if differentiable_extras:
+            _, weights, lse = math_attention(q, k, v, spec, seed)
     else:
         out, weights, lse = math_attention(q, k, v, spec, seed)
     extras = ((weights,) if return_weights else ()) + ((lse,) if return_lse else ())
@@ -103,8 +115,9 @@ def explain_backend(
 
     Example::
 
+        >>> q = k = v = torch.randn(1, 2, 128, 64)
         >>> qkv.explain_backend(q, k, v, softcap=30.0)
-        BackendChoice(backend='math', reason='SDPA has no soft-capping, ...')
+        BackendChoice(backend='tiled', reason='SDPA has no soft-capping, ...; tiled computes it exactly in O(N) memory')
     """
     backend = check_backend(backend)
     spec = build_spec(q, k, v, **features)  # type: ignore[arg-type]

@@ -8,7 +8,13 @@ Policy of ``backend="auto"`` (measured with ``qkv bench``; figures in the README
 2. ``tiled`` (online softmax, O(N) memory) for everything else: weights or log-sum-exp requested,
    soft-capping, dropout, ALiBi, sliding windows, bottom-right causal with ``L != S``;
 3. ``math`` for tiny inputs (``L·S <= 1024``), where its single pass costs least, and where tiled
-   cannot run: a float mask or ALiBi slopes that require grad.
+   cannot run: a float mask or ALiBi slopes that require grad;
+4. ``math`` whenever the weights or the log-sum-exp are asked for while q, k or v require grad (and
+   rule 1 failed): only the reference path differentiates them, and running the output on an O(N)
+   path beside it would save nothing, since the differentiable weights are ``L×S`` anyway.
+
+An explicit ``backend="tiled"`` or ``"triton"`` with differentiable weights/lse computes ``out`` on
+that backend and the weights/lse with the reference formula (see :func:`qkv.attention`).
 
 On CUDA, one rule comes between 1 and 2: a call that SDPA does not cover without a dense mask (rule 1
 failed) runs on ``triton``, the fused Triton kernels, whenever they cover it (Triton installed, a GPU of

@@ -93,6 +93,50 @@ def block_bias(
     return bias
 
 
+def reachable_keys(spec: AttentionSpec, device: torch.device) -> torch.Tensor | None:
+    """Bool ``(... or 1s, 1, S, 1)``: keys that at least one query of the call may attend, ``None`` = all.
+
+    A key outside every query's causal/window reach, beyond ``key_lengths``, or masked out for every query
+    and head (a ``False`` boolean mask or a ``-inf`` float mask column) is unreachable.
+    """
+    s = spec.kv_len
+    reachable = None
+    if spec.has_positional_mask:
+        right, left = right_reach(spec), spec.window_left
+        hi = s if right is None else min(s, spec.q_len - 1 + spec.offset + right + 1)
+        lo = 0 if left is None else max(0, spec.offset - left)
+        if lo > 0 or hi < s:
+            cols = torch.arange(s, device=device)
+            reachable = (cols >= lo) & (cols < hi)
+    if spec.key_lengths is not None:
+        by_length = torch.arange(s, device=device) < spec.key_lengths.unsqueeze(-1)
+        reachable = by_length if reachable is None else reachable & by_length
+    if spec.mask is not None and spec.mask.shape[-1] == s:
+        if spec.mask.dtype == torch.bool:
+            by_mask = spec.mask.any(dim=-2).any(dim=-2)
+        else:
+            by_mask = spec.mask.amax(dim=-2).amax(dim=-2) > float("-inf")
+        reachable = by_mask if reachable is None else reachable & by_mask
+    if reachable is None:
+        return None
+    return reachable.reshape(*reachable.shape[:-1], 1, s, 1)
+
+
+def drop_unreachable(
+    k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k, v`` with the keys and values no query may attend set to zero.
+
+    A masked-out key or value must never influence the output, even when it holds NaN or inf (padding
+    and unused cache slots often do): masking with ``-inf`` scores and zero weights alone lets NaN
+    through (``NaN + -inf``, ``0·NaN``). Inputs without unreachable keys are returned as they are.
+    """
+    reachable = reachable_keys(spec, k.device)
+    if reachable is None:
+        return k, v
+    return k.masked_fill(~reachable, 0.0), v.masked_fill(~reachable, 0.0)
+
+
 def positional_block_state(spec: AttentionSpec, r0: int, r1: int, c0: int, c1: int) -> str:
     """Whether the causal/window rules allow ``"all"``, ``"none"`` or ``"some"`` of a block's scores."""
     right, left = right_reach(spec), spec.window_left

@@ -85,3 +85,26 @@ def math_attention(
     out = grouped(weights, spec) @ vc.unsqueeze(-3)
     out = out.reshape(*spec.batch_shape, spec.heads, spec.q_len, spec.value_dim)
     return out.to(q.dtype), weights.to(q.dtype), lse
+
+
+def batched_by_legacy_vmap(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a gradient batched by ``torch.autograd.grad(..., is_grads_batched=True)``."""
+    return bool(torch._C._functorch.is_legacy_batchedtensor(t))
+
+
+def reference_gradients(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: torch.Tensor, spec: AttentionSpec,
+    seed: int | None,
+) -> tuple[torch.Tensor, ...]:
+    """``(dq, dk, dv)`` of ``out`` for the output gradient ``d_out``, through the reference formula.
+
+    The fused backends' backward passes use it for gradients batched by the legacy vmap of
+    ``torch.autograd.grad(..., is_grads_batched=True)`` (and ``gradcheck(check_batched_grad=True)``):
+    that vmap dispatches no ``autograd.Function`` vmap rule, and block kernels that accumulate in place
+    or call fused kernels have no batching rule, while every op here has one. Exact (the same dropout
+    pattern for the same seed), at the reference's O(L·S) memory.
+    """
+    with torch.enable_grad():
+        inputs = tuple(t.detach().requires_grad_() for t in (q, k, v))
+        out, _, _ = math_attention(*inputs, spec, seed)
+        return torch.autograd.grad(out, inputs, d_out, allow_unused=True, materialize_grads=True)

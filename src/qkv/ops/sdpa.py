@@ -69,8 +69,17 @@ def sdpa_mask(spec: AttentionSpec, device: torch.device, dtype: torch.dtype) -> 
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
 ) -> torch.Tensor:
-    """Attention through SDPA. Shapes as :func:`qkv.attention`; returns ``(..., H, L, Dv)``."""
+    """Attention through SDPA. Shapes as :func:`qkv.attention`; returns ``(..., H, L, Dv)``.
+
+    A scale ``<= 0`` is folded into ``q`` (``scale·q·k = |scale|·(−q)·k``, and ``0·q`` for zero):
+    PyTorch's CPU flash kernel, which SDPA picks for ``is_causal=True``, returns NaN for such scales.
+    """
     mask, is_causal = sdpa_mask(spec, q.device, q.dtype)
+    scale = spec.scale
+    if scale < 0:
+        q, scale = -q, -scale
+    elif scale == 0:
+        q, scale = q * 0.0, 1.0
     out = F.scaled_dot_product_attention(
         flatten_batch(q, spec),
         flatten_batch(k, spec),
@@ -78,7 +87,7 @@ def sdpa_attention(
         attn_mask=None if mask is None else flatten_batch(mask, spec),
         dropout_p=spec.dropout,
         is_causal=is_causal,
-        scale=spec.scale,
+        scale=scale,
         enable_gqa=spec.kv_heads != spec.heads,
     )
     return out.reshape(*spec.batch_shape, spec.heads, spec.q_len, spec.value_dim)

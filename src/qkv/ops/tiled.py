@@ -15,10 +15,13 @@ scratch besides it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from qkv.ops.blocks import block_sizes
-from qkv.ops.math import compute_dtype, math_attention
+from qkv.ops.math import batched_by_legacy_vmap, compute_dtype, math_attention, reference_gradients
 from qkv.ops.spec import AttentionSpec
 from qkv.ops.tiled_fused import fused_backward, fused_block_sizes, fused_forward, fused_unsupported_reason
 from qkv.ops.tiled_online import online_backward, online_forward, recompute_weights
@@ -29,42 +32,115 @@ def tiled_kernel(spec: AttentionSpec, device: torch.device) -> str:
     return "fused" if fused_unsupported_reason(spec, device) is None else "online"
 
 
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, seed: int | None, kernel: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of one call; inputs in the compute dtype."""
+    if kernel == "fused":
+        return fused_forward(q, k, v, spec, *fused_block_sizes(spec))
+    return online_forward(q, k, v, spec, seed, *block_sizes(spec))
+
+
+def _backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    d_out: torch.Tensor, spec: AttentionSpec, seed: int | None, kernel: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of one call; all in the compute dtype."""
+    if kernel == "fused":
+        return fused_backward(q, k, v, out, lse, d_out, spec, *fused_block_sizes(spec))
+    return online_backward(q, k, v, out, lse, d_out, spec, seed, *block_sizes(spec))
+
+
+def _per_slice(
+    fn: Callable[..., tuple[torch.Tensor, ...]], batch_size: int, in_dims: tuple[int | None, ...],
+    tensors: tuple[torch.Tensor, ...], *args: object,
+) -> tuple[torch.Tensor, ...]:
+    """A vmap rule: ``fn`` on each slice of the vmapped dimension, results stacked along dim 0.
+
+    Slicing keeps every slice's call identical to an unbatched one (same blocks, same dropout pattern,
+    which depends on positions within the call), so vmapped and looped results agree exactly.
+    """
+    results = [
+        fn(*(t if d is None else t.select(d, i) for t, d in zip(tensors, in_dims, strict=True)), *args)
+        for i in range(batch_size)
+    ]
+    return tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+
+
 class TiledAttention(torch.autograd.Function):
-    """Autograd wrapper: saves ``q, k, v, out, lse`` (O(N)) and recomputes blocks in backward."""
+    """Autograd wrapper: saves ``q, k, v, out, lse`` (O(N)) and recomputes blocks in backward.
+
+    Inputs and outputs are in the compute dtype (the caller casts). ``torch.func.vmap`` runs it slice
+    by slice, and its backward works under batched gradients (``is_grads_batched``, ``check_batched_grad``).
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        spec: AttentionSpec, seed: int | None, kernel: str,
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, seed: int | None, kernel: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = compute_dtype(q.dtype)
-        qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
-        if kernel == "fused":
-            blocks = fused_block_sizes(spec)
-            out, lse = fused_forward(qc, kc, vc, spec, *blocks)
-        else:
-            blocks = block_sizes(spec)
-            out, lse = online_forward(qc, kc, vc, spec, seed, *blocks)
-        ctx.save_for_backward(qc, kc, vc, out, lse)
-        ctx.spec, ctx.seed, ctx.kernel, ctx.blocks = spec, seed, kernel, blocks  # type: ignore[attr-defined]
-        ctx.dtypes = (q.dtype, k.dtype, v.dtype)  # type: ignore[attr-defined]
-        ctx.mark_non_differentiable(lse)
-        return out.to(q.dtype), lse
+        return _forward(q, k, v, spec, seed, kernel)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, d_out: torch.Tensor, _d_lse: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        qc, kc, vc, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
-        spec, blocks = ctx.spec, ctx.blocks  # type: ignore[attr-defined]
-        d_out = d_out.to(qc.dtype)
-        if ctx.kernel == "fused":  # type: ignore[attr-defined]
-            dq, dk, dv = fused_backward(qc, kc, vc, out, lse, d_out, spec, *blocks)
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        q, k, v, spec, seed, kernel = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec, ctx.seed, ctx.kernel = spec, seed, kernel
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx: Any, d_out: torch.Tensor, _d_lse: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        if batched_by_legacy_vmap(d_out):
+            dq, dk, dv = reference_gradients(q, k, v, d_out, ctx.spec, ctx.seed)
         else:
-            dq, dk, dv = online_backward(qc, kc, vc, out, lse, d_out, spec, ctx.seed, *blocks)  # type: ignore[attr-defined]
-        q_dtype, k_dtype, v_dtype = ctx.dtypes  # type: ignore[attr-defined]
-        return dq.to(q_dtype), dk.to(k_dtype), dv.to(v_dtype), None, None, None
+            dq, dk, dv = TiledAttentionBackward.apply(q, k, v, out, lse, d_out, ctx.spec, ctx.seed, ctx.kernel)
+        return dq, dk, dv, None, None, None
+
+    @staticmethod
+    def vmap(  # type: ignore[override]
+        info: Any, in_dims: tuple[int | None, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        spec: AttentionSpec, seed: int | None, kernel: str,
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[int, int]]:
+        outs = _per_slice(_forward, info.batch_size, in_dims[:3], (q, k, v), spec, seed, kernel)
+        return outs, (0, 0)
+
+
+class TiledAttentionBackward(torch.autograd.Function):
+    """The tiled backward pass as a function of its own, so that it has a vmap rule (batched gradients).
+
+    Not differentiable itself: gradients of gradients need ``backend="math"``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+        d_out: torch.Tensor, spec: AttentionSpec, seed: int | None, kernel: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _backward(q, k, v, out, lse, d_out.to(q.dtype), spec, seed, kernel)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[None, ...]:  # type: ignore[override]
+        raise RuntimeError(
+            "the tiled backend computes first derivatives only; for gradients of gradients "
+            "(create_graph=True, double backward) use backend='math'"
+        )
+
+    @staticmethod
+    def vmap(  # type: ignore[override]
+        info: Any, in_dims: tuple[int | None, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, spec: AttentionSpec, seed: int | None,
+        kernel: str,
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[int, int, int]]:
+        grads = _per_slice(
+            lambda *t: TiledAttentionBackward.forward(*t), info.batch_size, in_dims[:6],
+            (q, k, v, out, lse, d_out), spec, seed, kernel,
+        )
+        return grads, (0, 0, 0)
 
 
 def tiled_attention(
@@ -79,7 +155,9 @@ def tiled_attention(
         out, weights, lse = math_attention(q, k, v, spec, seed)
         return out, weights if return_weights else None, lse
     kernel = kernel or tiled_kernel(spec, q.device)
-    out, lse = TiledAttention.apply(q, k, v, spec, seed, kernel)
+    dtype = compute_dtype(q.dtype)
+    out, lse = TiledAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), spec, seed, kernel)
+    out = out.to(q.dtype)
     weights = None
     if return_weights:
         with torch.no_grad():

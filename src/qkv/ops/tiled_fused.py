@@ -11,6 +11,11 @@ from qkv's rules, and the partial results are merged exactly through their log-s
 Blocks outside the causal/window band are never visited. The backward pass calls the kernel's backward
 per block with the *final* ``out`` and ``lse``, which yields exactly each block's share of dQ, dK, dV.
 Soft-capping and qkv's dropout are not expressible to this kernel; they use the online kernel.
+
+Two limits of the kernel are kept out of its way: it reads the last dimension as if it were contiguous
+(a transposed or channels-last input gives wrong values), so such inputs are copied first; and it
+returns NaN for ``is_causal=True`` with a scale ``<= 0``, so the sign of the scale is folded into ``q``
+(``scale·q·k = |scale|·(−q)·k``; a zero scale becomes ``q = 0``, scale 1).
 """
 
 from __future__ import annotations
@@ -44,6 +49,20 @@ def fused_unsupported_reason(spec: AttentionSpec, device: torch.device) -> str |
     if spec.dropout > 0:
         return "qkv's counter-based dropout is applied by the online kernel"
     return None
+
+
+def kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied if its last dimension is not contiguous (the kernel reads it as if it were)."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def kernel_query_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float, float]:
+    """``(q', scale', sign)`` with ``scale'·q'·k == scale·q·k`` and ``scale' > 0``; ``dq = sign·dq'``."""
+    if scale > 0:
+        return q, scale, 1.0
+    if scale < 0:
+        return -q, -scale, -1.0
+    return torch.zeros_like(q), 1.0, 0.0
 
 
 def _needs_mask(spec: AttentionSpec) -> bool:
@@ -93,7 +112,8 @@ def fused_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, bq: int, bk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward pass. Inputs ``(..., H|Hkv, L|S, D)`` in the compute dtype; returns out and lse."""
-    q4, k4, v4 = (flatten_batch(t, spec) for t in (q, k, v))
+    q4, k4, v4 = (kernel_layout(flatten_batch(t, spec)) for t in (q, k, v))
+    q4, scale, _ = kernel_query_scale(q4, spec.scale)
     plan = BlockPlan(spec, bk)
     is_causal = spec.only_top_left_causal
     outs, lses = [], []
@@ -107,7 +127,7 @@ def fused_forward(
             )
             o, l = _FORWARD(
                 q4[:, :, r0:r1], k4[:, :, c0:c1], v4[:, :, c0:c1],
-                is_causal=is_causal, attn_mask=mask, scale=spec.scale,
+                is_causal=is_causal, attn_mask=mask, scale=scale,
             )
             if empty_rows is not None:
                 # The kernel reports lse = 0 for rows with no allowed key; in qkv that is -inf.
@@ -132,7 +152,8 @@ def fused_backward(
     d_out: torch.Tensor, spec: AttentionSpec, bq: int, bk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass, block by block with the final ``out`` and ``lse``; all in the compute dtype."""
-    q4, k4, v4, o4, g4 = (flatten_batch(t, spec) for t in (q, k, v, out, d_out))
+    q4, k4, v4, o4, g4 = (kernel_layout(flatten_batch(t, spec)) for t in (q, k, v, out, d_out))
+    q4, scale, sign = kernel_query_scale(q4, spec.scale)
     # Rows with no allowed key have lse = -inf; +inf makes the kernel's exp(s - lse) = 0 there.
     lse3 = flatten_batch(lse.unsqueeze(-1), spec).squeeze(-1)
     lse3 = torch.where(torch.isneginf(lse3), torch.full_like(lse3, float("inf")), lse3)
@@ -145,10 +166,12 @@ def fused_backward(
             mask, _ = _mask_block(spec, r0, r1, c0, c1, positional and not is_causal, lengths, q.dtype, q.device)
             dq_b, dk_b, dv_b = _BACKWARD(
                 g4[:, :, r0:r1], q4[:, :, r0:r1], k4[:, :, c0:c1], v4[:, :, c0:c1], o4[:, :, r0:r1],
-                lse3[:, :, r0:r1], 0.0, is_causal, attn_mask=mask, scale=spec.scale,
+                lse3[:, :, r0:r1], 0.0, is_causal, attn_mask=mask, scale=scale,
             )
             dq[:, :, r0:r1] += dq_b
             dk[:, :, c0:c1] += dk_b
             dv[:, :, c0:c1] += dv_b
+    if sign != 1.0:
+        dq.mul_(sign)
     shape = spec.batch_shape
     return dq.reshape(*shape, *dq.shape[-3:]), dk.reshape(*shape, *dk.shape[-3:]), dv.reshape(*shape, *dv.shape[-3:])

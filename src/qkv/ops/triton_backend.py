@@ -17,6 +17,7 @@ tests use; ``backend="auto"`` never picks this backend on CPU.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import math
 import os
@@ -27,10 +28,13 @@ from typing import Any
 import torch
 
 from qkv.ops.masks import right_reach
+from qkv.ops.math import batched_by_legacy_vmap, reference_gradients
 from qkv.ops.spec import AttentionSpec
 from qkv.ops.tiled_online import recompute_weights
 
 MAX_HEAD_DIM = 256
+MIN_TRITON = (3, 4)
+MIN_TRITON_TEXT = "3.4"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Rows per program of the Δ = rowsum(dO ∘ O) kernel.
 DELTA_BLOCK_M = 64
@@ -44,6 +48,25 @@ def interpreting() -> bool:
 @functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def triton_version_error() -> str | None:
+    """Why the installed Triton is too old for the kernels (they use ``triton.knobs``, new in 3.4), or
+    ``None``. Read from the package metadata, without importing Triton."""
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    parts = version.split("+")[0].split(".")
+    try:
+        major_minor = (int(parts[0]), int(parts[1]) if len(parts) > 1 else 0)
+    except ValueError:
+        return f"cannot read Triton's version {version!r}; the kernels need Triton {MIN_TRITON_TEXT} or newer"
+    if major_minor < MIN_TRITON:
+        return (f"Triton {version} is installed, but the kernels need Triton {MIN_TRITON_TEXT} or newer "
+                f"(pip install 'triton>={MIN_TRITON_TEXT}')")
+    return None
 
 
 @functools.cache
@@ -62,6 +85,9 @@ def triton_unsupported_reason(spec: AttentionSpec, device: torch.device, dtype: 
     """
     if not _triton_installed():
         return "Triton is not installed (pip install 'qkv[gpu]')"
+    version_error = triton_version_error()
+    if version_error is not None:
+        return version_error
     if device.type == "cpu":
         if not interpreting():
             return ("the Triton kernels need a CUDA GPU (inputs on cpu); TRITON_INTERPRET=1 runs them in "
@@ -251,9 +277,12 @@ class TritonAttention(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
         spec, launch = ctx.spec, ctx.launch  # type: ignore[attr-defined]
+        q_shape, k_shape, v_shape = ctx.shapes  # type: ignore[attr-defined]
+        if batched_by_legacy_vmap(d_out):
+            dq, dk, dv = reference_gradients(q.view(q_shape), k.view(k_shape), v.view(v_shape), d_out, spec, None)
+            return dq, dk, dv, None
         d_out = _as_4d(d_out.to(out.dtype), launch.batch)
         dq, dk, dv = triton_backward(q, k, v, out, lse, d_out, spec, launch)
-        q_shape, k_shape, v_shape = ctx.shapes  # type: ignore[attr-defined]
         return dq.view(q_shape), dk.view(k_shape), dv.view(v_shape), None
 
 
