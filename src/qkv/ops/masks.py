@@ -129,12 +129,27 @@ def drop_unreachable(
 
     A masked-out key or value must never influence the output, even when it holds NaN or inf (padding
     and unused cache slots often do): masking with ``-inf`` scores and zero weights alone lets NaN
-    through (``NaN + -inf``, ``0·NaN``). Inputs without unreachable keys are returned as they are.
+    through (``NaN + -inf``, ``0·NaN``). Inputs without unreachable keys, or (on CPU) without any
+    non-finite value, are returned as they are.
     """
+    if _surely_finite(k, v):
+        return k, v
     reachable = reachable_keys(spec, k.device)
     if reachable is None:
         return k, v
     return k.masked_fill(~reachable, 0.0), v.masked_fill(~reachable, 0.0)
+
+
+def _surely_finite(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``k`` and ``v`` hold only finite values, checked where that is cheap: on CPU, with one
+    summing pass (a sum that overflows just means copying for nothing). Elsewhere the check would
+    synchronize with the device on every call, so the copy is made unconditionally."""
+    batched = torch._C._functorch.is_batchedtensor
+    if k.device.type != "cpu" or batched(k) or batched(v):
+        return False
+    with torch.no_grad():
+        total = k.sum(dtype=torch.float32) + v.sum(dtype=torch.float32)
+    return bool(torch.isfinite(total))
 
 
 def positional_block_state(spec: AttentionSpec, r0: int, r1: int, c0: int, c1: int) -> str:
