@@ -2,5 +2,6 @@
 
 from qkv.ops import BackendChoice, attention, attention_weights, explain_backend
 
+# The one place the version is written; pyproject.toml reads it ([tool.setuptools.dynamic]).
 __version__ = "0.1.0"
 __all__ = ["BackendChoice", "__version__", "attention", "attention_weights", "explain_backend"]

@@ -168,7 +168,7 @@ def make_inputs(case: Case, seed: int = 0) -> Inputs:
         t.requires_grad_(case.backward)
 
     lengths = valid_lengths(b, S).to(device)
-    features: dict[str, Any] = {
+    by_feature: dict[str, dict[str, Any]] = {
         "plain": {},
         "causal": {"causal": True},
         "padding": {"mask": (torch.arange(S, device=device) < lengths[:, None]).reshape(b, 1, 1, S)},
@@ -179,8 +179,8 @@ def make_inputs(case: Case, seed: int = 0) -> Inputs:
         "dropout": {"dropout": DROPOUT},
         "weights": {"return_weights": True},
         "bottom_right": {"causal": True},
-    }[case.feature]
-    return Inputs(q, k, v, features, grad_out)
+    }
+    return Inputs(q, k, v, by_feature[case.feature], grad_out)
 
 
 def naive_attention(
@@ -285,7 +285,9 @@ def runs_on(peer: str, inputs: Inputs) -> str:
         raise Unsupported(str(e)) from None
 
 
-def make_step(call: Callable[[], object], inputs: Inputs) -> Callable[[], object]:
+def make_step(
+    call: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]], inputs: Inputs
+) -> Callable[[], object]:
     """One timed unit: the forward, and for ``fwd+bwd`` the backward of ``out`` with ``grad_out``."""
     if inputs.grad_out is None:
         return call

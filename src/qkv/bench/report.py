@@ -59,7 +59,7 @@ def _note(r: Result) -> str:
 
 def table_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
     """One row per result, cells as in :data:`TABLE_HEADER`."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for r in results:
         c = r.case
         ok = r.status == "ok"

@@ -247,7 +247,7 @@ class _TimeLimit:
 
     def call(self, fn: Callable[[Any], Pair], item: Any) -> Pair:
         """``fn(item)``, raising :class:`ConversionTimeout` if it runs over the limit."""
-        if not self.enabled:
+        if not self.enabled or self.seconds is None:  # enabled implies a limit; the check tells mypy so
             return fn(item)
         self._armed = True
         signal.setitimer(signal.ITIMER_REAL, self.seconds)

@@ -87,7 +87,8 @@ def qkv_attention_forward(
         query, key, value, mask=mask, causal=causal, scale=scaling, softcap=kwargs.get("softcap"),
         dropout=dropout, return_weights=need_weights, backend=backend,
     )
-    out, weights = result if need_weights else (result, None)
+    # A tuple exactly when need_weights: (out, weights).
+    out, weights = result if isinstance(result, tuple) else (result, None)
     return out.transpose(1, 2).contiguous(), weights
 
 

@@ -47,17 +47,26 @@ def gnmt_length_penalty(length: int, alpha: float) -> float:
 
 
 @contextlib.contextmanager
-def inference_mode(model: Seq2SeqModel) -> Iterator[None]:
-    """``torch.no_grad()`` and eval mode (dropout off), restoring the model's mode afterwards."""
-    was_training = isinstance(model, torch.nn.Module) and model.training
-    if isinstance(model, torch.nn.Module):
-        model.eval()
+def eval_no_grad(model: Seq2SeqModel) -> Iterator[None]:
+    """Run the block under ``torch.no_grad()`` with ``model`` in eval mode (dropout off), then restore its mode.
+
+    ``no_grad``, not ``torch.inference_mode``: the tensors a search returns (attention in a
+    :class:`Hypothesis`) stay ordinary tensors that callers may modify in place or use in autograd.
+    """
+    module = model if isinstance(model, torch.nn.Module) else None
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        if was_training:
-            model.train()
+        if module is not None and was_training:
+            module.train()
+
+
+# The old name, until models/search.py (being edited by another engineer) imports eval_no_grad; then remove.
+inference_mode = eval_no_grad
 
 
 def length_limits(
@@ -68,12 +77,14 @@ def length_limits(
         got = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src).__name__
         raise ValueError(f"src must be a (B, S) tensor of token ids with B >= 1; got {got}")
     if not is_integer_tensor(src_lengths) or tuple(src_lengths.shape) != (src.shape[0],):
-        got = (
+        got_lengths = (
             f"{src_lengths.dtype} {tuple(src_lengths.shape)}"
             if isinstance(src_lengths, torch.Tensor)
             else type(src_lengths).__name__
         )
-        raise ValueError(f"src_lengths must be an integer tensor of shape (B,) = ({src.shape[0]},); got {got}")
+        raise ValueError(
+            f"src_lengths must be an integer tensor of shape (B,) = ({src.shape[0]},); got {got_lengths}"
+        )
     lengths = src_lengths.tolist()
     if min(lengths) < 1 or max(lengths) > src.shape[1]:
         raise ValueError(
@@ -138,8 +149,9 @@ class AttentionTrace:
         if self.want_cross:
             cross = torch.stack([self.cross[t][r, ..., :src_len] for t, r in enumerate(rows)], dim=-2)
         self_attention = None
-        if self.want_self and all(a is not None for a in self.self_attention):
-            padded = [F.pad(a[r], (0, steps - a.shape[-1])) for a, r in zip(self.self_attention, rows, strict=True)]
+        recorded = [a for a in self.self_attention if a is not None]
+        if self.want_self and len(recorded) == len(self.self_attention):
+            padded = [F.pad(a[r], (0, steps - a.shape[-1])) for a, r in zip(recorded, rows, strict=True)]
             self_attention = torch.stack(padded, dim=-2)
         return cross, self_attention
 

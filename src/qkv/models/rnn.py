@@ -292,7 +292,10 @@ class RNNSeq2Seq(nn.Module):
             top, hx = self.decoder_rnn(embedded, hx)
             attentional, attention = self._attend(top, encoder_out)
             state.attentional = attentional[:, -1]
-        state.hidden, state.cell = (hx, None) if state.cell is None else hx
+        if isinstance(hx, tuple):  # an LSTM's (hidden, cell); a GRU's hidden alone
+            state.hidden, state.cell = hx
+        else:
+            state.hidden = hx
         state.steps += tokens.shape[1]
         logits = self.output_layer(attentional)
         cross = attention[:, None, None] if need_attention else None

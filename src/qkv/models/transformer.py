@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -114,6 +115,19 @@ def stack_layers(weights: list[torch.Tensor | None]) -> torch.Tensor | None:
     return torch.stack(weights, dim=1)  # type: ignore[arg-type]
 
 
+class _LayerArgs(TypedDict):
+    """The keyword arguments of :class:`TransformerEncoderLayer` and :class:`TransformerDecoderLayer` that
+    come from the :class:`TransformerConfig` unchanged."""
+
+    kv_heads: int | None
+    dropout: float
+    attention_dropout: float
+    activation_dropout: float
+    activation: str
+    norm_first: bool
+    layer_norm_eps: float
+
+
 class _Stack(nn.Module):
     """Embeddings, layers and (pre-LN) final norm of one side of the model."""
 
@@ -126,6 +140,14 @@ class _Stack(nn.Module):
         self.embed_positions = embed_positions
         self.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(d_model, eps=eps) if norm else None
+
+
+class _DecoderStack(_Stack):
+    """The decoder side: a :class:`_Stack` and the output projection to the target vocabulary."""
+
+    # Assigned by TransformerSeq2Seq after the other weights are initialized (the initialization order, and so
+    # the random draws of a seeded model, stay those of a plain attribute set there).
+    output_projection: nn.Linear
 
 
 @dataclass
@@ -171,7 +193,7 @@ class TransformerSeq2Seq(nn.Module):
             raise TypeError(f"config must be a TransformerConfig; got {type(config).__name__}")
         self.config = c = config
         self.pad_id, self.bos_id, self.eos_id = c.pad_id, c.bos_id, c.eos_id
-        layer_args = {
+        layer_args: _LayerArgs = {
             "kv_heads": c.kv_heads, "dropout": c.dropout, "attention_dropout": c.attention_dropout,
             "activation_dropout": c.activation_dropout, "activation": c.activation, "norm_first": c.norm_first,
             "layer_norm_eps": c.layer_norm_eps,
@@ -187,7 +209,7 @@ class TransformerSeq2Seq(nn.Module):
         )
         tgt_positions, _ = positional_modules(c.positional, c.d_model, c.num_heads, c.max_positions)
         tgt_embed = src_embed if c.shared_vocab else nn.Embedding(c.tgt_vocab_size, c.d_model)
-        self.decoder = _Stack(
+        self.decoder = _DecoderStack(
             tgt_embed, tgt_positions,
             [TransformerDecoderLayer(c.d_model, c.num_heads, c.ffn_dim, rotary=rotary, **layer_args)
              for _ in range(c.decoder_layers)],

@@ -56,7 +56,8 @@ class AdditiveAttention(nn.Module):
         if not isinstance(keys, torch.Tensor) or keys.ndim != 3 or keys.shape[-1] != self.key_dim:
             got = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
             raise ValueError(f"keys must have shape (B, S, Dk) with Dk={self.key_dim}; got {got}")
-        return self.key_layer(keys)
+        projected: torch.Tensor = self.key_layer(keys)  # nn.Module.__call__ is typed as returning Any
+        return projected
 
     def forward(
         self,

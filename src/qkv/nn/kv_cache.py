@@ -108,7 +108,7 @@ class KVCache:
 def check_row_indices(indices: object, batch: int | None) -> torch.Tensor:
     """``indices`` for reordering the rows of a decoder state: a 1-D integer tensor ``(B_new,)`` with values in
     ``[0, batch)`` (not checked when ``batch`` is None: nothing is stored yet). Returns it."""
-    if not is_integer_tensor(indices) or indices.ndim != 1:  # type: ignore[union-attr]
+    if not is_integer_tensor(indices) or indices.ndim != 1:
         got = (
             f"{indices.dtype} tensor of shape {tuple(indices.shape)}"
             if isinstance(indices, torch.Tensor)

@@ -49,7 +49,8 @@ class _WithFeedForward(nn.Module):
         self.linear2 = nn.Linear(ffn_dim, d_model)
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        out: torch.Tensor = self.linear2(self.dropout(self.activation(self.linear1(x))))  # Module calls give Any
+        return out
 
 
 class TransformerEncoderLayer(_WithFeedForward):

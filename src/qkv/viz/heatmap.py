@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 
 # More labels than this on one axis overlap at any sensible size; show every k-th instead.
 MAX_LABELS = 40
@@ -131,7 +132,7 @@ def _draw(
     ylabel: str | None = None,
     row_labels: bool = True,
     col_labels: bool = True,
-):
+) -> AxesImage:
     """Draw ``weights (L, S)`` on ``ax``; returns the image (for a colorbar)."""
     rows, cols = weights.shape
     image = ax.imshow(weights, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
@@ -150,7 +151,7 @@ def _draw(
     if ylabel:
         ax.set_ylabel(ylabel)
     if annotate if annotate is not None else max(rows, cols) <= ANNOTATE_UP_TO:
-        colors = image.cmap(image.norm(weights))
+        colors = image.to_rgba(weights)
         # Rec. 709 luma of each cell's color: white text on dark cells, black on light ones.
         luma = colors[..., :3] @ np.array([0.2126, 0.7152, 0.0722])
         fontsize = 8 if max(rows, cols) <= 6 else 6
@@ -197,7 +198,8 @@ def plot_heatmap(
         vmin, vmax: the color scale; default ``0`` and the largest weight.
         xlabel, ylabel: axis titles, e.g. ``"source"`` and ``"target"``.
     Returns:
-        the figure drawn on (``ax.figure`` when ``ax`` is given).
+        the figure drawn on; with ``ax``, its root figure (``ax.figure``, or the figure holding the subfigure
+        ``ax`` is in).
     Raises:
         ValueError: ``weights`` is not 2-D, or a token list's length differs from its dimension.
     """
@@ -210,7 +212,9 @@ def plot_heatmap(
         figure = _new_figure(_side_inches(array.shape[1]) + 1.0, _side_inches(array.shape[0]))
         target = figure.add_subplot()
     else:
-        figure, target = ax.figure, ax
+        # The root figure: a SubFigure has no savefig, so `path` could not be written from one.
+        parent = ax.figure
+        figure, target = (parent if isinstance(parent, Figure) else parent.figure), ax
     image = _draw(
         target, array, rows, cols, title=title, annotate=annotate, cmap=cmap, vmin=low, vmax=high,
         xlabel=xlabel, ylabel=ylabel,
@@ -245,16 +249,16 @@ def _grid(
     figure = _new_figure(min(2 * MAX_INCHES, columns * panel_w + 1.0), min(2 * MAX_INCHES, grid_rows * panel_h + 0.6))
     low, high = _range(panels, vmin, vmax)
     axes = figure.subplots(grid_rows, columns, squeeze=False)
-    image = None
-    for n, ax in enumerate(axes.flat):
-        if n >= count:
-            ax.set_axis_off()
-            continue
-        image = _draw(
+    images = [
+        _draw(
             ax, panels[n], row_tokens, col_tokens, title=names[n], annotate=annotate, cmap=cmap, vmin=low, vmax=high,
             row_labels=n % columns == 0, col_labels=n + columns >= count,
         )
-    figure.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+        for n, ax in enumerate(axes.flat[:count])
+    ]
+    for ax in axes.flat[count:]:
+        ax.set_axis_off()
+    figure.colorbar(images[-1], ax=axes, shrink=0.6, label="attention weight")
     if title:
         figure.suptitle(title)
     if path is not None:

@@ -118,7 +118,7 @@ def view_data(
 
 
 def _asset(name: str) -> str:
-    return resources.files("qkv.viz").joinpath("assets", name).read_text(encoding="utf-8")
+    return (resources.files("qkv.viz") / "assets" / name).read_text(encoding="utf-8")
 
 
 def _script_json(data: object) -> str:
