@@ -96,7 +96,12 @@ def attention(
             _, weights, lse = math_attention(q, k, v, spec, seed)
     else:
         out, weights, lse = math_attention(q, k, v, spec, seed)
-    extras = ((weights,) if return_weights else ()) + ((lse,) if return_lse else ())
+    extras: tuple[torch.Tensor, ...] = ()
+    if return_weights:
+        assert weights is not None, "every backend returns the weights when asked for them"
+        extras += (weights,)
+    if return_lse:
+        extras += (lse,)
     return (out, *extras) if extras else out
 
 

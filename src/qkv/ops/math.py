@@ -105,6 +105,6 @@ def reference_gradients(
     pattern for the same seed), at the reference's O(L·S) memory.
     """
     with torch.enable_grad():
-        inputs = tuple(t.detach().requires_grad_() for t in (q, k, v))
-        out, _, _ = math_attention(*inputs, spec, seed)
-        return torch.autograd.grad(out, inputs, d_out, allow_unused=True, materialize_grads=True)
+        qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
+        out, _, _ = math_attention(qd, kd, vd, spec, seed)
+        return torch.autograd.grad(out, (qd, kd, vd), d_out, allow_unused=True, materialize_grads=True)

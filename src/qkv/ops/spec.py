@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 
@@ -115,7 +116,7 @@ def flatten_batch(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     return t.reshape(spec.batch_size, *t.shape[-3:])
 
 
-def is_integer_tensor(x: object) -> bool:
+def is_integer_tensor(x: object) -> TypeGuard[torch.Tensor]:
     """Whether ``x`` is a tensor of an integer dtype (not floating point, complex or bool)."""
     return isinstance(x, torch.Tensor) and not (x.dtype.is_floating_point or x.is_complex() or x.dtype == torch.bool)
 

@@ -75,7 +75,7 @@ class TiledAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, seed: int | None, kernel: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return _forward(q, k, v, spec, seed, kernel)
@@ -89,16 +89,18 @@ class TiledAttention(torch.autograd.Function):
         ctx.mark_non_differentiable(lse)
 
     @staticmethod
-    def backward(ctx: Any, d_out: torch.Tensor, _d_lse: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, d_out: torch.Tensor, _d_lse: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         if batched_by_legacy_vmap(d_out):
             dq, dk, dv = reference_gradients(q, k, v, d_out, ctx.spec, ctx.seed)
         else:
-            dq, dk, dv = TiledAttentionBackward.apply(q, k, v, out, lse, d_out, ctx.spec, ctx.seed, ctx.kernel)
+            dq, dk, dv = TiledAttentionBackward.apply(  # type: ignore[no-untyped-call]
+                q, k, v, out, lse, d_out, ctx.spec, ctx.seed, ctx.kernel
+            )
         return dq, dk, dv, None, None, None
 
     @staticmethod
-    def vmap(  # type: ignore[override]
+    def vmap(
         info: Any, in_dims: tuple[int | None, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         spec: AttentionSpec, seed: int | None, kernel: str,
     ) -> tuple[tuple[torch.Tensor, ...], tuple[int, int]]:
@@ -113,7 +115,7 @@ class TiledAttentionBackward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
         d_out: torch.Tensor, spec: AttentionSpec, seed: int | None, kernel: str,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,14 +126,14 @@ class TiledAttentionBackward(torch.autograd.Function):
         pass
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[None, ...]:
         raise RuntimeError(
             "the tiled backend computes first derivatives only; for gradients of gradients "
             "(create_graph=True, double backward) use backend='math'"
         )
 
     @staticmethod
-    def vmap(  # type: ignore[override]
+    def vmap(
         info: Any, in_dims: tuple[int | None, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, spec: AttentionSpec, seed: int | None,
         kernel: str,
@@ -147,18 +149,21 @@ def tiled_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, seed: int | None,
     return_weights: bool, kernel: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Tiled attention: ``(out, weights or None, lse)``; differentiable in q, k, v (weights are not).
+    """Tiled attention: ``(out, weights or None, lse)``; ``out`` is differentiable in q, k, v, the
+    weights and lse are not (:func:`qkv.attention` takes differentiable ones from the reference).
 
     Inputs with an empty dimension have nothing to tile: the reference computes them.
     """
     if spec.is_empty:
-        out, weights, lse = math_attention(q, k, v, spec, seed)
-        return out, weights if return_weights else None, lse
+        out, all_weights, lse = math_attention(q, k, v, spec, seed)
+        return out, all_weights if return_weights else None, lse
     kernel = kernel or tiled_kernel(spec, q.device)
     dtype = compute_dtype(q.dtype)
-    out, lse = TiledAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), spec, seed, kernel)
+    out, lse = TiledAttention.apply(  # type: ignore[no-untyped-call]
+        q.to(dtype), k.to(dtype), v.to(dtype), spec, seed, kernel
+    )
     out = out.to(q.dtype)
-    weights = None
+    weights: torch.Tensor | None = None
     if return_weights:
         with torch.no_grad():
             weights = recompute_weights(q, k, lse, spec, seed)

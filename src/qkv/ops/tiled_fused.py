@@ -20,14 +20,16 @@ returns NaN for ``is_causal=True`` with a scale ``<= 0``, so the sign of the sca
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from qkv.ops.blocks import BlockPlan
 from qkv.ops.masks import block_allowed, block_bias
 from qkv.ops.spec import AttentionSpec, flatten_batch
 
-_FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_FORWARD: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_BACKWARD: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 # Elements of one mask block (8 MB in float32): bounds the extra memory of masked calls.
 MASK_BLOCK_ELEMENTS = 1 << 21

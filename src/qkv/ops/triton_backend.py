@@ -167,7 +167,9 @@ class Launch:
         return cls(batch, mask, strides, slopes, lengths, scalars, constants)
 
 
-def _mask_view(spec: AttentionSpec, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int]:
+def _mask_view(
+    spec: AttentionSpec, batch: int, like: torch.Tensor
+) -> tuple[torch.Tensor, tuple[int, int, int, int], int]:
     """The user's mask as ``(B|1, H|1, L|1, S|1)`` without expanding it, its strides (0 where broadcast),
     and its kind: 0 none, 1 boolean, 2 float."""
     if spec.mask is None:
@@ -182,7 +184,8 @@ def _mask_view(spec: AttentionSpec, batch: int, like: torch.Tensor) -> tuple[tor
         mask = mask.reshape(1, *tail)
     elif n > 1:  # several batch dims, some broadcast: only they are materialized, never H, L or S
         mask = mask.expand(*spec.batch_shape, *tail).reshape(batch, *tail)
-    strides = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(4))
+    b, h, r, c = (0 if mask.shape[i] == 1 else mask.stride(i) for i in range(4))
+    strides = (b, h, r, c)
     return mask, strides, kind
 
 
@@ -256,7 +259,7 @@ class TritonAttention(torch.autograd.Function):
     """Autograd wrapper: saves ``q, k, v, out, lse`` (O(N)); backward runs the Δ, dK/dV and dQ kernels."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: torch.autograd.function.FunctionCtx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         spec: AttentionSpec,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +275,7 @@ class TritonAttention(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: torch.autograd.function.FunctionCtx, d_out: torch.Tensor, _d_lse: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors  # type: ignore[attr-defined]
@@ -295,7 +298,7 @@ def triton_attention(
     ``seed`` is unused (no dropout here; :func:`triton_unsupported_reason` turns such calls away); the
     weights, when asked for, are recomputed from the log-sum-exp as the tiled backend does.
     """
-    out, lse = TritonAttention.apply(q, k, v, spec)
+    out, lse = TritonAttention.apply(q, k, v, spec)  # type: ignore[no-untyped-call]
     weights = None
     if return_weights:
         with torch.no_grad():

@@ -26,6 +26,8 @@ block. Both recompute ``P = exp2(s₂ − lse₂)`` from the saved log-sum-exp.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -63,9 +65,9 @@ def _fallback() -> list[triton.Config]:
     return configs
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: object) -> list[triton.Config]:
     args = {**named_args, **kwargs}
-    large = max(args["BLOCK_D"], args["BLOCK_DV"]) >= 256 or args["Q"].dtype == torch.float32  # type: ignore
+    large = max(args["BLOCK_D"], args["BLOCK_DV"]) >= 256 or args["Q"].dtype == torch.float32
     kept = [c for c in configs if large or id(c) not in _FALLBACK_IDS]
     return kept or configs
 
