@@ -232,3 +232,18 @@ def test_sizes_and_bad_options() -> None:
     with pytest.raises(SystemExit):
         main(["bench", "--cases", "nonsense"])
     assert math.isclose(parse_size("1.5k"), 1536)
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_sweep(tmp_path, monkeypatch, capsys) -> None:
+    import qkv.cli.bench as bench_cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the sweep ran before --out was checked")
+
+    monkeypatch.setattr(bench_cli, "run_bench", refuse)
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "results"
+    assert main(["bench", "--quick", "--no-memory", "--no-progress", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"qkv bench: error: --out {out}: {tmp_path / 'file'} is not a directory; expected a directory to write into\n"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,3 +63,14 @@ def trained_model(tmp_path_factory) -> TrainedModel:
     with one_thread(), contextlib.redirect_stdout(out):
         status = main(["train", str(config)])
     return TrainedModel(root / "model", config, status, out.getvalue())
+
+
+@pytest.fixture
+def damaged_model(trained_model, tmp_path) -> Path:
+    """A copy of the trained model directory whose ``model.safetensors`` is cut off halfway."""
+    directory = tmp_path / "damaged"
+    shutil.copytree(trained_model.directory, directory, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = directory / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    return directory

@@ -248,3 +248,27 @@ def test_console_script_stops_quietly_when_the_reader_goes_away():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0
     assert err == ""
+
+
+# ---- inputs too deep or too large ----------------------------------------------------------------------------
+
+
+def test_deeply_nested_json_is_one_error_line(capsys, tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    status, out, err = run(capsys, *qkv_args(deep, "[[1]]", "[[1]]"))
+    assert_one_error_line(status, out, err, "--q is nested too deeply; expected a matrix")
+    status, out, err = run(capsys, "--file", file_with(tmp_path, '{"q": ' + deep + "}"))
+    assert_one_error_line(status, out, err, "is nested too deeply; expected an object with matrices q, k, v")
+
+
+def test_more_scores_than_a_walk_through_is_meant_for_need_force(capsys):
+    from qkv.cli.explain import MAX_SCORES
+
+    rows = MAX_SCORES // 100 + 1
+    q, k = json.dumps([[1.0]] * rows), json.dumps([[1.0]] * 100)
+    status, out, err = run(capsys, *qkv_args(q, k, k))
+    message = f"Q has {rows} rows and K has 100: {rows * 100:,} scores, more than the {MAX_SCORES:,}"
+    assert_one_error_line(status, out, err, message)
+    assert "--force" in err
+    status, out, _ = run(capsys, *qkv_args(q, k, k, "--force", "--json"))
+    assert status == 0 and len(json.loads(out)["weights"]) == rows

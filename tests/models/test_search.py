@@ -390,3 +390,25 @@ def test_bad_arguments() -> None:
         greedy_search(model, src, torch.tensor([3, 0]))
     with pytest.raises(ValueError, match="B >= 1"):
         beam_search(model, src[:0], lengths[:0])
+
+
+def test_max_len_cap_bounds_the_ratio_limit() -> None:
+    model = TableModel(table({}, default={A: 0.7, B: 0.3}))  # never ends
+    src, lengths = src_batch([3, 4], [2, 5])  # 1·len + 1: limits 3 and 6
+    hyps = greedy_search(model, src, lengths, max_len_ratio=1.0, max_len_extra=1, max_len_cap=4)
+    assert [len(h.tokens) for h in hyps] == [3, 4]
+    n_best = beam_search(model, src, lengths, beam_size=2, max_len_ratio=1.0, max_len_extra=1, max_len_cap=4)
+    assert [len(hyps[0].tokens) for hyps in n_best] == [3, 4]
+    with pytest.raises(ValueError, match="max_len_cap must be a positive int or None; got 0"):
+        greedy_search(model, src, lengths, max_len_cap=0)
+
+
+@pytest.mark.parametrize("alpha", [math.nan, -1.0, 1e9, math.inf, True])
+def test_length_penalty_outside_its_range_is_refused(alpha: float) -> None:
+    model = make_rnn()
+    src, lengths = rnn_batch([3, 2])
+    message = rf"length_penalty must be a number in \[0, 10\] \(GNMT alpha\); got {alpha!r}"
+    with pytest.raises(ValueError, match=message):
+        greedy_search(model, src, lengths, length_penalty=alpha)
+    with pytest.raises(ValueError, match=message):
+        beam_search(model, src, lengths, beam_size=2, length_penalty=alpha)

@@ -2,7 +2,8 @@
 
 Prints the markdown table on stdout and writes ``bench.json``, ``bench.md``, ``bench.png`` and
 ``plots/`` into ``--out``; progress goes to stderr. A bad option is one line on stderr,
-``qkv bench: error: ...``, and exit status 2.
+``qkv bench: error: ...``, and exit status 2; an ``--out`` that cannot be written is one before the sweep
+starts, not after it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from qkv.bench import (
     run_bench,
     write_outputs,
 )
+from qkv.cli.paths import check_output_dir
 
 FULL_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 FULL_HEAD_DIMS = (64, 128)
@@ -130,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the sweep, print the table, write the files; 2 on a bad option."""
     try:
         config = config_from_args(args)
+        check_output_dir(args.out, "--out")
         if config.device == "cuda":
             import torch
 

@@ -2,13 +2,15 @@
 
 For a handful of everyday cases, runs both on the same random inputs and prints the largest absolute
 difference of the outputs, both median times and which qkv backend ran. Features SDPA has no argument
-for (key_lengths, ALiBi, bottom-right causal) are given to SDPA as the equivalent dense mask.
+for (key_lengths, ALiBi, bottom-right causal) are given to SDPA as the equivalent dense mask. A bad option
+is one line on stderr, ``qkv compare: error: ...``, and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +48,8 @@ def run_comparisons(
     """Compare qkv with SDPA on ``(batch, heads, length, head_dim)`` float32 inputs; one row per case."""
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, heads, length, head_dim, generator=gen) for _ in range(3))
-    k_gqa, v_gqa = k[:, : heads // 4], v[:, : heads // 4]
+    kv_heads = grouped_kv_heads(heads)
+    k_gqa, v_gqa = k[:, :kv_heads], v[:, :kv_heads]
     lengths = torch.tensor([length - length // (i + 2) for i in range(batch)])
     padding = torch.arange(length) < lengths[:, None, None, None]
     slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
@@ -59,7 +62,7 @@ def run_comparisons(
         ("plain", lambda: qkv.attention(q, k, v), lambda: F.scaled_dot_product_attention(q, k, v), {}),
         ("causal (top-left)", lambda: qkv.attention(q, k, v, causal="top_left"),
          lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), {"causal": "top_left"}),
-        ("grouped heads (H/4 kv heads)", lambda: qkv.attention(q, k_gqa, v_gqa),
+        (f"grouped heads ({kv_heads} kv heads)", lambda: qkv.attention(q, k_gqa, v_gqa),
          lambda: F.scaled_dot_product_attention(q, k_gqa, v_gqa, enable_gqa=True), {}),
         ("padding via key_lengths", lambda: qkv.attention(q, k, v, key_lengths=lengths),
          lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=padding), {"key_lengths": lengths}),
@@ -78,6 +81,21 @@ def run_comparisons(
     return rows
 
 
+def grouped_kv_heads(heads: int) -> int:
+    """The key/value heads of the grouped-heads case: the largest divisor of ``heads`` up to ``heads / 4``
+    (at least 1), so any number of heads gives a valid grouping."""
+    return max(d for d in range(1, max(1, heads // 4) + 1) if heads % d == 0)
+
+
+def check_sizes(args: argparse.Namespace) -> None:
+    """``ValueError`` naming the first of ``--batch``, ``--heads``, ``--length``, ``--head-dim``, ``--repeats``
+    that is not a positive int."""
+    for option in ("batch", "heads", "length", "head_dim", "repeats"):
+        value = getattr(args, option)
+        if value < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be a positive integer; got {value}")
+
+
 def format_table(rows: list[Comparison]) -> str:
     """A plain-text table of comparisons."""
     lines = [f"{'case':32} {'qkv backend':12} {'max |qkv - sdpa|':>17} {'qkv ms':>9} {'sdpa ms':>9}"]
@@ -87,7 +105,12 @@ def format_table(rows: list[Comparison]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the comparison table."""
+    """Print the comparison table; 2 on a bad option."""
+    try:
+        check_sizes(args)
+    except ValueError as e:
+        print(f"qkv compare: error: {e}", file=sys.stderr)
+        return 2
     print(f"qkv vs F.scaled_dot_product_attention: B={args.batch} H={args.heads} L=S={args.length} "
           f"D={args.head_dim}, float32, {torch.get_num_threads()} threads, median of {args.repeats}")
     rows = run_comparisons(args.batch, args.heads, args.length, args.head_dim, args.repeats)

@@ -7,15 +7,25 @@ signatures) and the exact-match rate::
     chrF2|nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0 = 61.03
     exact match = 12.00% (12/100)
 
-``--hyp FILE`` also writes the translations; ``--json`` prints the scores as one JSON object instead.
+``--hyp FILE`` also writes the translations, a chunk of lines at a time as they are done (its directory is
+checked before any work); ``--json`` prints the scores as one JSON object instead. The decoding options
+are ``qkv translate``'s.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qkv.cli.paths import check_output_file
+from qkv.cli.translate import add_decoding_options, output_stream
+
+if TYPE_CHECKING:
+    from qkv.train.translate import Translator
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,9 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--src", type=Path, required=True, metavar="FILE", help="source sentences, one a line")
     p.add_argument("--ref", type=Path, required=True, metavar="FILE", help="reference translations, line by line")
     p.add_argument("--beam", type=int, default=5, metavar="N", help="beam size; 1 is greedy search (default 5)")
-    p.add_argument("--length-penalty", type=float, default=1.0, metavar="ALPHA", help="GNMT alpha (default 1.0)")
-    p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="padded tokens per batch (default 4096)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where to run (default cpu)")
+    add_decoding_options(p)
     p.add_argument("--hyp", type=Path, metavar="FILE", help="also write the translations to FILE")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.set_defaults(run=run)
@@ -43,31 +51,50 @@ def _fail(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.beam < 1:
-        return _fail(f"--beam must be >= 1 (1: greedy); got {args.beam}")
     from qkv.data.parallel import DataError, read_lines
     from qkv.train.evaluate import score
-    from qkv.train.translate import Translator
+    from qkv.train.translate import Translator, check_decoding_options, output_length_cap
 
     try:
-        sources, references = read_lines(args.src), read_lines(args.ref)
-    except DataError as e:
-        return _fail(str(e))
-    if len(sources) != len(references):
-        return _fail(f"{args.src} has {len(sources)} lines but {args.ref} has {len(references)}; expected the same")
-    try:
-        translator = Translator.load(args.model, device=args.device)
-        results = translator.translate(
-            sources, beam=args.beam, length_penalty=args.length_penalty, max_tokens=args.max_tokens
+        check_decoding_options(
+            beam=args.beam, length_penalty=args.length_penalty, max_tokens=args.max_tokens,
+            max_output_length=args.max_output_length, flags=True,
         )
-    except (FileNotFoundError, ValueError, DataError) as e:
+        if args.hyp is not None:
+            check_output_file(args.hyp, "--hyp")
+        sources, references = read_lines(args.src), read_lines(args.ref)
+        if len(sources) != len(references):
+            raise ValueError(
+                f"{args.src} has {len(sources)} lines but {args.ref} has {len(references)}; expected the same"
+            )
+        translator = Translator.load(args.model, device=args.device)
+        output_length_cap(translator.model, args.max_output_length, flags=True)
+        hypotheses = translate_all(translator, sources, args)
+    except (OSError, ValueError, DataError) as e:
         return _fail(str(e))
-    hypotheses = [r.text for r in results]
-    if args.hyp is not None:
-        args.hyp.write_text("".join(f"{h}\n" for h in hypotheses), encoding="utf-8")
     scores = score(hypotheses, references)
     if args.json:
         print(json.dumps({**scores.to_dict(), "beam": args.beam, "model": str(args.model)}, indent=2))
     else:
         print("\n".join(scores.lines()))
     return 0
+
+
+def translate_all(translator: Translator, sources: list[str], args: argparse.Namespace) -> list[str]:
+    """The translations of ``sources``, also written to ``--hyp`` (when given) a chunk at a time."""
+    from qkv.train.translate import chunks
+
+    hypotheses: list[str] = []
+    with contextlib.ExitStack() as stack:
+        hyp = None if args.hyp is None else stack.enter_context(output_stream(args.hyp))
+        for chunk in chunks(sources):
+            results = translator.translate(
+                chunk, beam=args.beam, length_penalty=args.length_penalty, max_tokens=args.max_tokens,
+                max_output_length=args.max_output_length,
+            )
+            texts = [r.text for r in results]
+            hypotheses += texts
+            if hyp is not None:
+                hyp.write("".join(f"{h}\n" for h in texts))
+                hyp.flush()
+    return hypotheses

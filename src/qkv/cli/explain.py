@@ -4,13 +4,16 @@ Reads Q, K, V from the command line (``--q '[[1, 0], [0, 1]]' --k ... --v ...``)
 (``--file example.json`` with keys ``q``, ``k``, ``v`` and optional ``tokens``, ``key_tokens``), or uses
 the built-in "the cat sat" example; prints the walk-through (or, with ``--json``, the numbers). A bad input
 is one line on stderr, ``qkv explain: error: ...``, and exit status 2.
+
+The walk-through is for small examples: it prints every one of the ``L × S`` scores several times (about
+100 bytes each), so inputs with more than :data:`MAX_SCORES` scores (e.g. 100 queries × 100 keys, about
+1 MB of text) are refused unless ``--force`` is given; 3000 × 3000 would be a gigabyte.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from qkv.viz.explain import (
     to_json,
 )
 
+MAX_SCORES = 10_000
 MATRICES = ("q", "k", "v")
 FILE_KEYS = ("q", "k", "v", "tokens", "key_tokens")
 # (q, k, v, tokens, key_tokens)
@@ -65,6 +69,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--causal", action="store_true", help="mask keys after each query (qkv's causal=True)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON, not the walk-through")
+    p.add_argument(
+        "--force", action="store_true",
+        help=f"explain even more than {MAX_SCORES:,} scores (L x S); the output grows by ~100 bytes a score",
+    )
     p.set_defaults(run=run)
 
 
@@ -76,6 +84,8 @@ def parse_matrix(text: str, label: str) -> Matrix:
         raise ValueError(
             f"{label} is not valid JSON ({e.msg} at column {e.colno}); expected e.g. '[[1, 2], [3, 4]]'"
         ) from None
+    except RecursionError:
+        raise ValueError(f"{label} is nested too deeply; expected a matrix, rows of numbers like [[1, 2]]") from None
     return check_matrix(value, label)
 
 
@@ -102,6 +112,8 @@ def read_file(path: Path) -> Inputs:
         raise ValueError(
             f"--file {path} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
         ) from None
+    except RecursionError:
+        raise ValueError(f"--file {path} is nested too deeply; expected an object with matrices q, k, v") from None
     if not isinstance(data, dict):
         raise ValueError(
             f"--file {path}: expected a JSON object with keys q, k, v (and optional tokens, key_tokens); "
@@ -153,14 +165,21 @@ def run(args: argparse.Namespace) -> int:
     """Print the walk-through (or JSON); a bad input prints one error line and returns 2."""
     try:
         q, k, v, tokens, key_tokens = load_inputs(args)
+        check_size(len(q), len(k), args.force)
         expl = explain(q, k, v, tokens=tokens, key_tokens=key_tokens, causal=args.causal)
     except ValueError as e:
         print(f"qkv explain: error: {e}", file=sys.stderr)
         return 2
-    try:
-        print(json.dumps(to_json(expl), indent=2) if args.json else render_text(expl), flush=True)
-    except BrokenPipeError:
-        # The reader (``qkv explain | head``) has gone: stop quietly, as Unix tools do. Pointing stdout at
-        # /dev/null keeps Python's final flush at exit from raising again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    # A reader that goes away (``qkv explain | head``) is handled once for every command, in qkv.cli.main.
+    print(json.dumps(to_json(expl), indent=2) if args.json else render_text(expl), flush=True)
     return 0
+
+
+def check_size(queries: int, keys: int, force: bool) -> None:
+    """``ValueError`` when ``queries × keys`` exceeds :data:`MAX_SCORES` and ``force`` is not set."""
+    if queries * keys > MAX_SCORES and not force:
+        raise ValueError(
+            f"Q has {queries} rows and K has {keys}: {queries * keys:,} scores, more than the {MAX_SCORES:,} "
+            f"a walk-through is meant for (about {queries * keys * 100 / 1e6:,.0f} MB of output); "
+            "give fewer rows, or --force"
+        )

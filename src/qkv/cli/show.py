@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qkv.cli.paths import check_output_file
 from qkv.models.config import EncoderConfig
 from qkv.models.pretrained import Pretrained, load_pretrained
 from qkv.viz.heatmap import SAVE_FORMATS, plot_heads, plot_heatmap, plot_layer_average
@@ -83,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("TEXT is empty; give a sentence to encode")
         if args.png is not None and args.png.suffix.lower() not in SAVE_FORMATS:
             raise ValueError(f"--png {args.png}: the suffix must be one of {', '.join(SAVE_FORMATS)}")
+        for option in ("png", "html", "json"):
+            if getattr(args, option) is not None:
+                check_output_file(getattr(args, option), f"--{option}")
         pretrained = load_pretrained(args.model)
         check_selection(args.layer, args.head, pretrained.model.config)
         tokens, attentions = encode(pretrained, args.text)

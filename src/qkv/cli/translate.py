@@ -4,13 +4,27 @@ Reads one sentence a line from ``--input`` (a file, or ``-`` for stdin, the defa
 translation a line, in input order, to stdout (or ``--output``); an empty line stays empty. ``--beam 1`` is
 greedy search. ``--attention PLOT.png`` also saves the alignment of the first sentence: the chosen
 hypothesis' cross-attention (last layer, mean over heads), source tokens across, target tokens down.
+
+Lines end at ``\n`` only (one ``\r`` before it is dropped), so line ``n`` of the output is always the
+translation of line ``n`` of the input, even when a line holds a form feed or U+2028, which
+``str.splitlines`` would also split at. Input that is not UTF-8 is refused, naming the line. Translations
+are written a chunk of input lines at a time (:data:`~qkv.train.translate.DEFAULT_CHUNK_SIZE`), so a run
+stopped midway leaves the finished lines written. Options and output paths are checked before any work.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from qkv.cli.paths import check_output_file
+
+if TYPE_CHECKING:
+    from qkv.train.translate import Translation, Translator
 
 EPILOG = """\
 examples:
@@ -32,9 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", default="-", metavar="FILE", help="sentences, one a line; - reads stdin (default)")
     p.add_argument("--output", type=Path, metavar="FILE", help="write the translations here instead of stdout")
     p.add_argument("--beam", type=int, default=5, metavar="N", help="beam size; 1 is greedy search (default 5)")
-    p.add_argument("--length-penalty", type=float, default=1.0, metavar="ALPHA", help="GNMT alpha (default 1.0)")
-    p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="padded tokens per batch (default 4096)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where to run (default cpu)")
+    add_decoding_options(p)
     p.add_argument(
         "--attention", type=Path, metavar="PLOT.png",
         help="save the first sentence's cross-attention alignment (.png, .svg or .pdf)",
@@ -42,49 +54,147 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def add_decoding_options(p: argparse.ArgumentParser) -> None:
+    """The options ``translate`` and ``evaluate`` share: length penalty, batch budget, output length, device."""
+    from qkv.models.search import MAX_LENGTH_PENALTY
+    from qkv.train.translate import DEFAULT_MAX_OUTPUT_LENGTH
+
+    p.add_argument(
+        "--length-penalty", type=float, default=1.0, metavar="ALPHA",
+        help=f"GNMT alpha, 0 to {MAX_LENGTH_PENALTY:g}; 0 ranks by probability alone (default 1.0)",
+    )
+    p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="padded tokens per batch (default 4096)")
+    p.add_argument(
+        "--max-output-length", type=int, metavar="N",
+        help="the most tokens of a translation: 1.5 x its source tokens + 10, at most N "
+        f"(default {DEFAULT_MAX_OUTPUT_LENGTH}, or fewer for a model with fewer learned positions)",
+    )
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where to run (default cpu)")
+
+
 def _fail(message: str) -> int:
     print(f"qkv translate: error: {message}", file=sys.stderr)
     return 2
 
 
+def decode_lines(data: bytes, source: str) -> list[str]:
+    """The lines of UTF-8 ``data`` split at ``\\n`` only, without line endings (a ``\\r`` before the
+    ``\\n`` dropped, a leading byte-order mark ignored, a final newline adding no line).
+
+    Raises:
+        ValueError: ``data`` is not UTF-8; the message names ``source``, the line and the byte.
+    """
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"{source} line {line} is not valid UTF-8 (0x{data[e.start]:02x} at byte {e.start - line_start + 1} "
+            "of the line); expected UTF-8 text"
+        ) from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def read_input(name: str) -> list[str]:
-    """The lines of file ``name`` (``-``: stdin), without line endings."""
+    """The lines of file ``name`` (``-``: stdin), as :func:`decode_lines` splits them.
+
+    Raises:
+        ValueError: the file cannot be read or is not UTF-8 (naming the line).
+    """
     if name == "-":
-        text = sys.stdin.read()
-    else:
-        text = Path(name).read_text(encoding="utf-8")
-    return text.splitlines()
+        stream = getattr(sys.stdin, "buffer", None)
+        # A text-only stdin (e.g. io.StringIO): surrogate escapes turn undecodable bytes back into bytes.
+        data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+        return decode_lines(data, "stdin")
+    try:
+        data = Path(name).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read --input {name}: {e.strerror or e}") from None
+    return decode_lines(data, f"--input {name}")
+
+
+@contextmanager
+def output_stream(path: Path | None) -> Iterator[TextIO]:
+    """``path`` opened for writing (UTF-8), or stdout when ``None``."""
+    if path is None:
+        yield sys.stdout
+        return
+    with path.open("w", encoding="utf-8") as f:
+        yield f
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """``ValueError`` if ``--output`` or ``--attention`` cannot be written (checked before translating)."""
+    if args.output is not None:
+        check_output_file(args.output, "--output")
+    if args.attention is not None:
+        from qkv.viz.heatmap import SAVE_FORMATS
+
+        if args.attention.suffix.lower() not in SAVE_FORMATS:
+            raise ValueError(f"--attention {args.attention}: the suffix must be one of {', '.join(SAVE_FORMATS)}")
+        check_output_file(args.attention, "--attention")
+
+
+def write_translations(
+    translator: Translator, sentences: list[str], out: TextIO, args: argparse.Namespace
+) -> tuple[int, Translation] | None:
+    """Translate ``sentences`` a chunk at a time, writing each chunk's lines to ``out`` as it finishes.
+
+    Returns:
+        With ``--attention``: ``(line, translation)`` of the first non-empty sentence (its cross-attention
+        kept; later chunks are translated without attention), or ``None`` when every line is empty.
+    """
+    from qkv.train.translate import chunks
+
+    first: tuple[int, Translation] | None = None
+    done = 0
+    for chunk in chunks(sentences):
+        want_attention = args.attention is not None and first is None
+        results = translator.translate(
+            chunk, beam=args.beam, length_penalty=args.length_penalty, max_tokens=args.max_tokens,
+            max_output_length=args.max_output_length, need_attention=want_attention,
+        )
+        out.write("".join(f"{r.text}\n" for r in results))
+        out.flush()
+        if want_attention:
+            found = next((i for i, r in enumerate(results) if r.hypothesis is not None), None)
+            if found is not None:
+                first = (done + found + 1, results[found])
+        done += len(chunk)
+    return first
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.beam < 1:
-        return _fail(f"--beam must be >= 1 (1: greedy); got {args.beam}")
     from qkv.data.parallel import DataError
-    from qkv.train.translate import Translator
+    from qkv.train.translate import Translator, check_decoding_options, output_length_cap
 
     try:
-        sentences = read_input(args.input)
-    except (OSError, UnicodeDecodeError) as e:
-        return _fail(f"cannot read {args.input}: {e}")
-    try:
-        translator = Translator.load(args.model, device=args.device)
-        results = translator.translate(
-            sentences, beam=args.beam, length_penalty=args.length_penalty, max_tokens=args.max_tokens,
-            need_attention=args.attention is not None,
+        check_decoding_options(
+            beam=args.beam, length_penalty=args.length_penalty, max_tokens=args.max_tokens,
+            max_output_length=args.max_output_length, flags=True,
         )
-    except (FileNotFoundError, ValueError, DataError) as e:
+        check_outputs(args)
+        translator = Translator.load(args.model, device=args.device)  # before stdin: a bad --model fails at once
+        output_length_cap(translator.model, args.max_output_length, flags=True)
+        sentences = read_input(args.input)
+        with output_stream(args.output) as out:
+            first = write_translations(translator, sentences, out, args)
+    except BrokenPipeError:
+        raise  # the reader has gone: qkv.cli.main ends quietly
+    except (OSError, ValueError, DataError) as e:
         return _fail(str(e))
-    text = "".join(f"{r.text}\n" for r in results)
-    if args.output is not None:
-        args.output.write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
     if args.attention is not None:
-        first = next((r for r in results if r.hypothesis is not None), None)
         if first is None:
             return _fail("--attention: no non-empty input sentence to plot")
         from qkv.viz.alignment import plot_alignment
 
-        plot_alignment(first.hypothesis.cross_attention, first.src_tokens, first.tgt_tokens, path=args.attention)
-        print(f"wrote the alignment of sentence {results.index(first) + 1} to {args.attention}", file=sys.stderr)
+        line, result = first
+        plot_alignment(result.hypothesis.cross_attention, result.src_tokens, result.tgt_tokens, path=args.attention)
+        print(f"wrote the alignment of sentence {line} to {args.attention}", file=sys.stderr)
     return 0

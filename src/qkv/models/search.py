@@ -6,8 +6,12 @@ new token per row per step. Finished rows leave the batch (``state.reorder`` and
 under ``torch.no_grad()`` in eval mode and restore the model's mode afterwards.
 
 Length limit: a sentence gets at most ``max_len`` decoding steps (EOS included), or
-``int(max_len_ratio · src_len + max_len_extra)`` when ``max_len`` is ``None``; a hypothesis that reaches
-it without EOS ends there with ``finished=False``.
+``int(max_len_ratio · src_len + max_len_extra)`` when ``max_len`` is ``None``, and never more than
+``max_len_cap`` when given (so a very long source, or a model that never says EOS, cannot decode for hours);
+a hypothesis that reaches it without EOS ends there with ``finished=False``.
+
+``length_penalty`` (GNMT ``alpha``) must lie in ``[0, MAX_LENGTH_PENALTY]``: NaN would rank every
+hypothesis equal, a negative alpha prefers ever shorter outputs, and a huge one overflows the penalty.
 """
 
 from __future__ import annotations
@@ -20,14 +24,41 @@ import torch
 from qkv.models.hypothesis import (
     AttentionTrace,
     Hypothesis,
+    eval_no_grad,
     gnmt_length_penalty,
-    inference_mode,
     last_log_probs,
     length_limits,
 )
 from qkv.models.interface import Seq2SeqModel
 
-__all__ = ["Hypothesis", "beam_search", "gnmt_length_penalty", "greedy_search"]
+__all__ = ["MAX_LENGTH_PENALTY", "Hypothesis", "beam_search", "gnmt_length_penalty", "greedy_search"]
+
+MAX_LENGTH_PENALTY = 10.0  # ((5 + 10**6) / 6) ** 10 is ~1e52: finite for any output length that can occur
+
+
+def check_length_penalty(alpha: float, name: str = "length_penalty") -> float:
+    """``alpha`` as a float after checking it is a finite number in ``[0, MAX_LENGTH_PENALTY]``; ``ValueError``
+    naming ``name`` otherwise."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= MAX_LENGTH_PENALTY:
+        raise ValueError(f"{name} must be a number in [0, {MAX_LENGTH_PENALTY:g}] (GNMT alpha); got {alpha!r}")
+    return float(alpha)
+
+
+def search_limits(
+    src: torch.Tensor,
+    src_lengths: torch.Tensor,
+    max_len: int | None,
+    max_len_ratio: float,
+    max_len_extra: int,
+    max_len_cap: int | None,
+) -> list[int]:
+    """The most decoding steps for each sentence (see the module docstring)."""
+    limits = length_limits(src, src_lengths, max_len, max_len_ratio, max_len_extra)
+    if max_len_cap is None:
+        return limits
+    if isinstance(max_len_cap, bool) or not isinstance(max_len_cap, int) or max_len_cap < 1:
+        raise ValueError(f"max_len_cap must be a positive int or None; got {max_len_cap!r}")
+    return [min(limit, max_len_cap) for limit in limits]
 
 
 def greedy_search(
@@ -38,6 +69,7 @@ def greedy_search(
     max_len: int | None = None,
     max_len_ratio: float = 1.5,
     max_len_extra: int = 10,
+    max_len_cap: int | None = None,
     length_penalty: float = 1.0,
     need_attention: bool = False,
     need_self_attention: bool = False,
@@ -47,7 +79,7 @@ def greedy_search(
     Args:
         model: any :class:`~qkv.models.interface.Seq2SeqModel`.
         src: ``(B, S)`` source ids; ``src_lengths``: integer ``(B,)``.
-        max_len, max_len_ratio, max_len_extra: the length limit (see the module docstring).
+        max_len, max_len_ratio, max_len_extra, max_len_cap: the length limit (see the module docstring).
         length_penalty: ``alpha`` of the reported ``score`` (it does not change greedy's choices), so
             scores compare with :func:`beam_search`'s.
         need_attention, need_self_attention: attach the cross-/self-attention to each hypothesis.
@@ -55,11 +87,12 @@ def greedy_search(
     Returns:
         One :class:`Hypothesis` per sentence, in input order.
     """
-    limits = length_limits(src, src_lengths, max_len, max_len_ratio, max_len_extra)
+    length_penalty = check_length_penalty(length_penalty)
+    limits = search_limits(src, src_lengths, max_len, max_len_ratio, max_len_extra, max_len_cap)
     src_lens = src_lengths.tolist()
     results: list[Hypothesis | None] = [None] * len(limits)
     trace = AttentionTrace(need_attention, need_self_attention)
-    with inference_mode(model):
+    with eval_no_grad(model):
         encoder_out = model.encode(src, src_lengths)
         state = model.start_state(encoder_out)
         device = encoder_out.memory.device
@@ -105,6 +138,7 @@ def beam_search(
     max_len: int | None = None,
     max_len_ratio: float = 1.5,
     max_len_extra: int = 10,
+    max_len_cap: int | None = None,
     no_repeat_ngram: int = 0,
     need_attention: bool = False,
     need_self_attention: bool = False,
@@ -124,7 +158,7 @@ def beam_search(
         beam_size: live hypotheses per sentence; ``1`` with ``length_penalty=0`` equals greedy search.
         n_best: hypotheses returned per sentence, ``<= beam_size``.
         length_penalty: GNMT ``alpha``: ``score = log_prob / ((5 + length) / 6) ** alpha``.
-        max_len, max_len_ratio, max_len_extra: the length limit (see the module docstring).
+        max_len, max_len_ratio, max_len_extra, max_len_cap: the length limit (see the module docstring).
         no_repeat_ngram: ``n > 0`` forbids any n-gram of output tokens to occur twice.
         need_attention, need_self_attention: attach each hypothesis' cross-/self-attention, following its
             ancestry through the beam reorderings.
@@ -142,11 +176,12 @@ def beam_search(
             raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
     if n_best > beam_size:
         raise ValueError(f"n_best must be <= beam_size; got n_best={n_best}, beam_size={beam_size}")
-    limits = length_limits(src, src_lengths, max_len, max_len_ratio, max_len_extra)
+    length_penalty = check_length_penalty(length_penalty)
+    limits = search_limits(src, src_lengths, max_len, max_len_ratio, max_len_extra, max_len_cap)
     src_lens = src_lengths.tolist()
     ended: list[list[Hypothesis]] = [[] for _ in limits]
     trace = AttentionTrace(need_attention, need_self_attention)
-    with inference_mode(model):
+    with eval_no_grad(model):
         encoder_out = model.encode(src, src_lengths)
         state = model.start_state(encoder_out)
         device = encoder_out.memory.device

@@ -12,12 +12,19 @@ A model directory (what ``qkv train`` writes to ``output.dir``) holds::
 (:mod:`qkv.models.search`). Sentences are batched longest first by a token budget and the results put back
 in input order; an empty input line gives an empty translation. With ``need_attention`` every result keeps
 its hypothesis' cross-attention ``(layers, heads, T, S)`` and the token strings for plotting an alignment.
+
+Output length: a translation gets at most ``1.5 · source tokens + 10`` tokens (as in
+:mod:`qkv.models.search`), and never more than ``max_output_length`` (default
+:data:`DEFAULT_MAX_OUTPUT_LENGTH`), nor more than the positions of a model with learned positions: a weak
+model that never says EOS on a 10,000-character line would otherwise decode 15,000 steps, each slower
+than the last. :func:`chunks` cuts a long input into pieces that a caller can translate and write out one
+after the other, so results reach the output while the rest is still being translated.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +34,15 @@ from qkv.data.batching import SequentialBatcher, restore_order
 from qkv.data.tokenizer import Tokenizer, load_tokenizer
 from qkv.models.checkpoint import load_model
 from qkv.models.interface import Seq2SeqModel
-from qkv.models.search import Hypothesis, beam_search, greedy_search
+from qkv.models.search import Hypothesis, beam_search, check_length_penalty, greedy_search
 
 TRAIN_CONFIG_FILE = "train_config.yaml"
 SHARED_TOKENIZER_FILE = "tokenizer.json"
 SRC_TOKENIZER_FILE = "src_tokenizer.json"
 TGT_TOKENIZER_FILE = "tgt_tokenizer.json"
 EOS_LABEL = "</s>"
+DEFAULT_MAX_OUTPUT_LENGTH = 1024
+DEFAULT_CHUNK_SIZE = 1000  # sentences translated (sorted by length, batched) before their results are written
 
 
 def save_tokenizers(directory: str | os.PathLike, src: Tokenizer, tgt: Tokenizer, *, shared: bool) -> None:
@@ -81,6 +90,63 @@ def token_texts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
     return out
 
 
+def _option(name: str, flags: bool) -> str:
+    """``name`` as the messages show it: the Python argument, or the command-line option (``--max-tokens``)."""
+    return "--" + name.replace("_", "-") if flags else name
+
+
+def _check_positive_int(value: object, name: str, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1{note}; got {value!r}")
+
+
+def check_decoding_options(
+    *,
+    beam: int,
+    length_penalty: float,
+    max_tokens: int,
+    max_output_length: int | None = None,
+    flags: bool = False,
+) -> None:
+    """``ValueError`` unless the options are usable: ``beam``, ``max_tokens`` and ``max_output_length`` (when
+    given) positive ints, ``length_penalty`` a number in ``[0, MAX_LENGTH_PENALTY]``. With ``flags`` the
+    messages name the command-line options (``--length-penalty``) instead of the arguments."""
+    _check_positive_int(beam, _option("beam", flags), " (1: greedy)")
+    check_length_penalty(length_penalty, _option("length_penalty", flags))
+    _check_positive_int(max_tokens, _option("max_tokens", flags))
+    if max_output_length is not None:
+        _check_positive_int(max_output_length, _option("max_output_length", flags))
+
+
+def output_length_cap(model: Seq2SeqModel, max_output_length: int | None = None, *, flags: bool = False) -> int:
+    """The most tokens (EOS included) any translation may have: ``max_output_length``, by default
+    :data:`DEFAULT_MAX_OUTPUT_LENGTH` or, when smaller, the positions of a model with learned positions.
+
+    Raises:
+        ValueError: ``max_output_length`` is not a positive int, or exceeds the model's learned positions.
+    """
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_positions", None) if getattr(config, "positional", None) == "learned" else None
+    if max_output_length is None:
+        return DEFAULT_MAX_OUTPUT_LENGTH if positions is None else min(DEFAULT_MAX_OUTPUT_LENGTH, positions)
+    name = _option("max_output_length", flags)
+    _check_positive_int(max_output_length, name)
+    if positions is not None and max_output_length > positions:
+        raise ValueError(
+            f"{name} {max_output_length} exceeds the model's {positions} learned positions; "
+            f"expected at most {positions}"
+        )
+    return max_output_length
+
+
+def chunks(items: Sequence[str], size: int | None = None) -> Iterator[Sequence[str]]:
+    """``items`` in consecutive pieces of ``size`` (default :data:`DEFAULT_CHUNK_SIZE`; the last one shorter)."""
+    size = DEFAULT_CHUNK_SIZE if size is None else size
+    _check_positive_int(size, "size")
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 def decode_sources(
     model: Seq2SeqModel,
     sources: Sequence[Sequence[int]],
@@ -88,12 +154,17 @@ def decode_sources(
     beam: int = 1,
     length_penalty: float = 1.0,
     max_tokens: int = 4096,
+    max_output_length: int | None = None,
     device: torch.device | str = "cpu",
     need_attention: bool = False,
 ) -> list[Hypothesis]:
-    """The best hypothesis for each non-empty source (lists of ids), in input order."""
+    """The best hypothesis for each non-empty source (lists of ids), in input order.
+
+    Each gets at most ``1.5 · len + 10`` tokens, capped by :func:`output_length_cap` (``max_output_length``).
+    """
     if not sources:
         return []
+    cap = output_length_cap(model, max_output_length)
     longest = max(len(s) for s in sources)
     batcher = SequentialBatcher(
         [(list(s), []) for s in sources], max_tokens=max(max_tokens, 2 * (longest + 1)), sort_by_length=True
@@ -103,12 +174,15 @@ def decode_sources(
     for batch in batcher:
         src, lengths = batch.src.to(device), batch.src_lengths.to(device)
         if beam == 1:
-            found = greedy_search(model, src, lengths, length_penalty=length_penalty, need_attention=need_attention)
+            found = greedy_search(
+                model, src, lengths, length_penalty=length_penalty, max_len_cap=cap, need_attention=need_attention
+            )
         else:
             found = [
                 hyps[0]
                 for hyps in beam_search(
-                    model, src, lengths, beam_size=beam, length_penalty=length_penalty, need_attention=need_attention
+                    model, src, lengths, beam_size=beam, length_penalty=length_penalty, max_len_cap=cap,
+                    need_attention=need_attention,
                 )
             ]
         hypotheses += found
@@ -147,10 +221,20 @@ class Translator:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, device: str = "cpu") -> Translator:
-        """Load the model and tokenizers of a model directory (safetensors and JSON only)."""
+        """Load the model and tokenizers of a model directory (safetensors and JSON only).
+
+        Raises:
+            FileNotFoundError, ValueError: the directory lacks a file or holds one that cannot be used.
+            ValueError: ``device`` is CUDA but torch sees no CUDA device.
+        """
         directory = Path(directory)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r}: CUDA is not available (this PyTorch is a CPU-only build, or no GPU is "
+                "visible); use device 'cpu' or 'auto'"
+            )
         src, tgt = load_tokenizers(directory)
         model = load_model(directory, device=device)
         return cls(model, src, tgt, device=device)  # type: ignore[arg-type]
@@ -162,16 +246,22 @@ class Translator:
         beam: int = 5,
         length_penalty: float = 1.0,
         max_tokens: int = 4096,
+        max_output_length: int | None = None,
         need_attention: bool = False,
     ) -> list[Translation]:
-        """Translations of ``sentences``, in their order."""
-        if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
-            raise ValueError(f"beam must be an int >= 1 (1: greedy); got {beam!r}")
+        """Translations of ``sentences``, in their order (see the module docstring for the output length).
+
+        Raises:
+            ValueError: an option is out of range (:func:`check_decoding_options`, :func:`output_length_cap`).
+        """
+        check_decoding_options(
+            beam=beam, length_penalty=length_penalty, max_tokens=max_tokens, max_output_length=max_output_length
+        )
         encoded = [self.src_tokenizer.encode(s) for s in sentences]
         live = [i for i, ids in enumerate(encoded) if ids]
         hypotheses = decode_sources(
             self.model, [encoded[i] for i in live], beam=beam, length_penalty=length_penalty, max_tokens=max_tokens,
-            device=self.device, need_attention=need_attention,
+            max_output_length=max_output_length, device=self.device, need_attention=need_attention,
         )
         found = dict(zip(live, hypotheses, strict=True))
         results = []
