@@ -192,11 +192,6 @@ def test_missing_model_package_says_how_to_install(capsys, monkeypatch) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qkv.models.pretrained.load_encoder lets safetensors' SafetensorError (not a ValueError, and not "
-    "naming the file) escape; remove this mark once it raises a ValueError naming model.safetensors",
-)
 def test_a_damaged_model_file_is_one_error_line(tmp_path, capsys) -> None:
     source = _cached_load("minilm").directory
     directory = tmp_path / "damaged"

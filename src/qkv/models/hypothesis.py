@@ -65,9 +65,6 @@ def eval_no_grad(model: Seq2SeqModel) -> Iterator[None]:
             module.train()
 
 
-# The old name, until models/search.py (being edited by another engineer) imports eval_no_grad; then remove.
-inference_mode = eval_no_grad
-
 
 def length_limits(
     src: torch.Tensor, src_lengths: torch.Tensor, max_len: int | None, ratio: float, extra: int

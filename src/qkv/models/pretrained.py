@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from qkv.models.config import EncoderConfig
@@ -274,7 +275,11 @@ def load_encoder(directory: str | Path) -> TransformerEncoder:
             raise ValueError(f"{directory} holds a sharded checkpoint; qkv loads a single {WEIGHTS_FILE}")
         raise ValueError(f"{weights} is missing; a checkpoint directory needs {WEIGHTS_FILE}")
     config = load_encoder_config(directory)
-    state = {k: v for k, v in load_file(str(weights)).items() if not k.startswith(HEAD_PREFIXES)}
+    try:
+        stored = load_file(str(weights))
+    except SafetensorError as error:
+        raise ValueError(f"{weights} is not a readable safetensors file: {error}") from None
+    state = {k: v for k, v in stored.items() if not k.startswith(HEAD_PREFIXES)}
     try:
         state = bert_to_qkv_state_dict(state)
     except ValueError as error:
