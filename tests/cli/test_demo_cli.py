@@ -32,3 +32,18 @@ def test_demo_trains_scores_translates_and_plots(tmp_path: Path, capsys: pytest.
 def test_demo_rejects_an_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--out", str(tmp_path), "--set", "training.lrr=1"]) == 2
     assert "training.lrr" in capsys.readouterr().err
+
+
+def test_demo_interrupted_is_one_line_saying_how_to_continue(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qkv.train import trainer
+
+    def interrupted(config: object, *, resume: bool) -> None:
+        raise trainer.TrainInterrupted("interrupted at step 5; --resume continues from step_00000004 (step 4)")
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    assert main(["demo", "--out", str(tmp_path / "d"), *TINY]) == 130
+    err = capsys.readouterr().err
+    assert err == f"qkv demo: error: interrupted at step 5; --resume continues from step_00000004 (step 4) " \
+                  f"(qkv demo --out {tmp_path / 'd'} continues)\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import sys
 
 import pytest
@@ -216,6 +217,23 @@ def test_a_damaged_model_file_is_one_error_line(damaged_model, monkeypatch, caps
     err = capsys.readouterr().err
     assert err.startswith("qkv translate: error: ") and err.count("\n") == 1
     assert "model.safetensors" in err and "Traceback" not in err
+
+
+def test_a_tokenizer_from_another_run_is_named(trained_model, tmp_path, monkeypatch, capsys):
+    """Each file valid on its own, but the tokenizer's vocabulary is not the model's: once silently wrong text."""
+    from qkv.data.tokenizer import CharTokenizer
+
+    directory = tmp_path / "mixed"
+    shutil.copytree(trained_model.directory, directory, ignore=shutil.ignore_patterns("checkpoints"))
+    tokenizer_files = sorted(directory.glob("*tokenizer.json"))
+    assert tokenizer_files
+    other = CharTokenizer.train(["an entirely different alphabet: xyzzy 0123456789"])
+    for path in tokenizer_files:
+        other.save(path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a b\n"))
+    assert main(["translate", "--model", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkv translate: error: ") and "do not belong together" in err and "vocab_size" in err
 
 
 class ClosedPipe(io.StringIO):

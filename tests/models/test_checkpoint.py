@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -196,3 +197,65 @@ def test_lm_and_encoder_config_errors() -> None:
         EncoderConfig.from_dict({**ENCODER, "num_attention_heads": 3})
     with pytest.raises(ValueError, match=r"hidden_act must be one of 'relu', 'gelu'; got 'gelu_new'"):
         EncoderConfig.from_dict({**ENCODER, "hidden_act": "gelu_new"})
+
+
+def flip_last_byte(path: Path) -> None:
+    """Flip the bits of the file's last byte: inside the last tensor's data, the header untouched."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_truncated_weight_file_is_a_value_error_naming_it(tmp_path: Path) -> None:
+    save_model(TransformerLM(LMConfig(**LM)), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+        load_model(tmp_path)
+
+
+def test_flipped_weight_bytes_are_caught_by_the_recorded_digests(tmp_path: Path) -> None:
+    save_model(TransformerLM(LMConfig(**LM)), tmp_path)
+    flip_last_byte(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.safetensors is damaged: the SHA-256 of \S+ differs"):
+        load_model(tmp_path)
+
+
+def test_weights_written_without_digests_still_load(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = perturbed(TransformerLM(LMConfig(**LM)))
+    save_model(model, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})  # as qkv wrote them before
+    assert torch.equal(outputs(load_model(tmp_path)), outputs(model))
+
+
+def test_a_config_far_bigger_than_its_weights_is_refused_before_allocating(tmp_path: Path) -> None:
+    save_model(TransformerLM(LMConfig(**LM)), tmp_path)
+    edit_config(tmp_path, d_model=1_048_576, ffn_dim=1_048_576)  # ~4 TB of float32 parameters
+    with pytest.raises(ValueError, match=r"shape mismatches: embed_tokens\.weight: checkpoint \(13, 16\), "
+                                         r"model \(13, 1048576\)"):
+        load_model(tmp_path)
+    edit_config(tmp_path, d_model=16, ffn_dim=24, num_layers=10**9)
+    with pytest.raises(ValueError, match=r"num_layers is 1000000000 but .*model\.safetensors holds only \d+ tensors"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_model_file_that_is_a_device_or_fifo_is_refused(tmp_path: Path, name: str) -> None:
+    save_model(TransformerLM(LMConfig(**LM)), tmp_path)
+    (tmp_path / name).unlink()
+    (tmp_path / name).symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=rf"{name} is a character device; expected a regular file"):
+        load_model(tmp_path)
+    (tmp_path / name).unlink()
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(ValueError, match=rf"{name} is a FIFO; expected a regular file"):
+        load_model(tmp_path)
+
+
+def test_the_weight_file_gets_the_same_permissions_as_the_config(tmp_path: Path) -> None:
+    save_model(TransformerLM(LMConfig(**LM)), tmp_path)
+    weights, config = (tmp_path / name for name in ("model.safetensors", "config.json"))
+    assert oct(weights.stat().st_mode & 0o777) == oct(config.stat().st_mode & 0o777)

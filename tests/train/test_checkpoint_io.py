@@ -158,3 +158,22 @@ def test_loading_never_unpickles(tmp_path, monkeypatch, make_config):
     assert len(translator.translate(["a b c"], beam=2)) == 1
     resumed = Trainer(config, DistContext(), resume=True, echo=lambda line: None)
     assert resumed.step == 8 and resumed.run().step == 8
+
+
+def test_flipped_bytes_in_a_checkpoint_are_caught_by_the_recorded_digests(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path / "step_00000004.safetensors", tiny_model(0).state_dict(), state={"step": 4})
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # inside the last tensor's bytes; the header still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000004\.safetensors is damaged: the SHA-256 of"):
+        ckpt.load_checkpoint(path)
+
+
+def test_find_resumable_names_the_checkpoints_it_skipped(tmp_path):
+    ckpt.save_checkpoint(tmp_path / "step_00000004.safetensors", tiny_model(0).state_dict(), state={"step": 4})
+    (tmp_path / "step_00000008.safetensors").write_bytes(b"not a checkpoint")
+    found = ckpt.find_resumable(tmp_path)
+    assert found.path == tmp_path / "step_00000004.safetensors" and found.checkpoint.state["step"] == 4
+    assert [(p.name, "not a readable safetensors checkpoint" in why) for p, why in found.skipped] == [
+        ("step_00000008.safetensors", True)
+    ]

@@ -31,9 +31,11 @@ def _read_lines(path: Path) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Train, evaluate, translate and plot; returns the exit status."""
+    from qkv.data.parallel import DataError
+    from qkv.train.checkpoint_io import CheckpointError
     from qkv.train.config import ConfigError, load_config
     from qkv.train.evaluate import score
-    from qkv.train.trainer import TrainError, train
+    from qkv.train.trainer import TrainError, TrainInterrupted, train
     from qkv.train.translate import Translator
     from qkv.viz.alignment import plot_alignment
 
@@ -49,8 +51,14 @@ def run(args: argparse.Namespace) -> int:
     _section("1. Training a small Transformer on the built-in corpus: US English dates → German dates")
     try:
         train(config, resume=resume)
-    except (ConfigError, TrainError) as e:
+    except TrainInterrupted as e:
+        print(f"qkv demo: error: {e} (qkv demo --out {out} continues)", file=sys.stderr)
+        return 130  # the shell's status for a process ended by SIGINT
+    except (ConfigError, DataError, TrainError, CheckpointError) as e:
         print(f"qkv demo: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write the trainer does not wrap itself (train.log, tokenizers)
+        print(f"qkv demo: error: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
         return 2
 
     _section("2. Held-out test set (sentences never seen in training), beam 5")

@@ -7,7 +7,9 @@ a key (``--set training.lr=1e-3 --set output.dir=runs/b``); ``--resume`` continu
 checkpoint in the output directory, with the same batches and random numbers an uninterrupted run would
 have used. Several processes: ``torchrun --nproc_per_node=N -m qkv train CONFIG.yaml``.
 
-A bad config or data is one line on stderr, ``qkv train: error: ...``, and exit status 2.
+A bad config or data, an output directory that cannot be written, or a write that fails during training
+(a full disk) is one line on stderr, ``qkv train: error: ...``, and exit status 2. Ctrl-C stops with one
+line saying which checkpoint ``--resume`` continues from, and exit status 130 (128 + SIGINT).
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _fail(message: str) -> int:
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
+
+
+def _fail(message: str, status: int = 2) -> int:
     print(f"qkv train: error: {message}", file=sys.stderr)
-    return 2
+    return status
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,12 +62,19 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
     except ConfigError as e:
         return _fail(str(e))
-    from qkv.train.trainer import TrainError, train
+    from qkv.train.trainer import TrainError, TrainInterrupted, train
 
     try:
         result = train(config, resume=args.resume)
+    except TrainInterrupted as e:
+        return _fail(f"{e} (qkv train {args.config} --resume)", INTERRUPTED)
+    except KeyboardInterrupt:
+        return _fail("interrupted before the first training step", INTERRUPTED)
     except (ConfigError, DataError, TrainError, CheckpointError) as e:
         return _fail(str(e))
+    except OSError as e:  # a write the trainer does not wrap itself (train.log, metrics.jsonl, tokenizers)
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"cannot write {where}{e.strerror or e}")
     stop = " (stopped early)" if result.stopped_early else ""
     best = (
         f"best {result.best_metric} {result.best_score:.4g} at step {result.best_step}; "

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from qkv.data.parallel import DataError, Pair
+from qkv.data.safe_files import MiB, read_regular_file
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -48,6 +49,9 @@ SENTENCEPIECE_MODEL_TYPES = ("unigram", "bpe")
 # sentencepiece samples this many sentences when the text has more: enough for a good vocabulary, and it
 # keeps training time and memory bounded on a large corpus.
 SENTENCEPIECE_MAX_SENTENCES = 2_000_000
+# Tokenizer files are read whole; a large word vocabulary is a few MiB, so more than this is not a tokenizer
+# (or is /dev/zero behind a symlink).
+MAX_TOKENIZER_BYTES = 256 * MiB
 
 Example = tuple[list[int], list[int]]
 
@@ -67,9 +71,13 @@ def _check_int(name: str, value: object, minimum: int, why: str = "") -> None:
 def _read_config(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     json_path = tokenizer_path(path)
     try:
-        config = json.loads(json_path.read_text(encoding="utf-8"))
+        raw = read_regular_file(json_path, MAX_TOKENIZER_BYTES)
     except OSError as e:
         raise DataError(f"cannot read tokenizer {json_path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise DataError(f"cannot read tokenizer: {e}") from None
+    try:
+        config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"tokenizer {json_path} is not a JSON file: {e}") from None
     if not isinstance(config, dict) or config.get("type") not in TOKENIZERS:
@@ -374,9 +382,11 @@ class SentencePieceTokenizer(Tokenizer):
             raise DataError(f"tokenizer {json_path}: \"model_file\" must be a file name beside it; got {name!r}")
         model_path = json_path.parent / name
         try:
-            proto = model_path.read_bytes()
+            proto = read_regular_file(model_path, MAX_TOKENIZER_BYTES)
         except OSError as e:
             raise DataError(f"cannot read the SentencePiece model {model_path}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise DataError(f"cannot read the SentencePiece model: {e}") from None
         digest = hashlib.sha256(proto).hexdigest()
         if digest != config.get("sha256"):
             raise DataError(

@@ -6,6 +6,7 @@ A checkpoint is a single ``.safetensors`` file, so it is complete or absent, nev
               optimizer/<param index>/<name>  optimizer state tensors (AdamW: step, exp_avg, exp_avg_sq)
               rng/<name>                      RNG states: rng/rank<r>/torch, rng/rank<r>/cuda, rng/numpy
     metadata  format, version                 "qkv-train-checkpoint", "1"
+              sha256                          JSON: {tensor name: SHA-256 hex digest}, checked on load
               state                           JSON: step, best score, batcher position, schedule, scaler,
                                               python/numpy RNG scalars... (whatever the trainer stores)
               optimizer                       JSON: param_groups and non-tensor optimizer state
@@ -17,8 +18,10 @@ on POSIX and Windows), and the directory is ``fsync``-ed so the rename itself su
 at any point leaves the previous file intact; a stale temporary file is removed by
 :func:`clean_temp_files` when training resumes.
 
-Reading uses ``safetensors`` and ``json`` only: no ``torch.load``, no ``pickle``, so a checkpoint from
-elsewhere cannot run code.
+Reading checks every tensor against its recorded SHA-256, so a file damaged after it was written (flipped
+bytes) is an error naming it rather than a run that silently diverges; files written before digests were
+recorded load unchecked. Reading uses ``safetensors`` and ``json`` only: no ``torch.load``, no ``pickle``,
+so a checkpoint from elsewhere cannot run code.
 
 The checkpoint directory holds ``step_<8 digits>.safetensors`` (the last ``keep_last`` kept),
 ``best.safetensors`` (model and scores only) and ``averaged.safetensors`` (the element-wise mean of the
@@ -41,7 +44,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from qkv.models.checkpoint import tied_keys
+from qkv.data.safe_files import check_regular_file
+from qkv.models.checkpoint import DIGESTS_KEY, digest_mismatches, tensor_digests, tied_keys
 
 FORMAT = "qkv-train-checkpoint"
 VERSION = "1"
@@ -50,6 +54,8 @@ STEP_RE = re.compile(r"step_(\d{8,})\.safetensors")
 BEST_FILE = "best.safetensors"
 AVERAGED_FILE = "averaged.safetensors"
 TEMP_MARK = ".tmp-"
+# Checkpoints are memory-mapped, not read; the limit only stops absurd files (device files, sparse files).
+MAX_CHECKPOINT_BYTES = 1 << 40
 
 
 class CheckpointError(ValueError):
@@ -146,6 +152,7 @@ def checkpoint_bytes(
         )
     for name, t in (rng or {}).items():
         tensors[f"rng/{name}"] = t.detach().cpu().contiguous()
+    metadata[DIGESTS_KEY] = json.dumps(tensor_digests(tensors))
     return safetensors_bytes(tensors, metadata=metadata)
 
 
@@ -173,6 +180,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     """Read a checkpoint written by :func:`save_checkpoint` (safetensors + JSON; never unpickles)."""
     path = Path(path)
     try:
+        check_regular_file(path, MAX_CHECKPOINT_BYTES)
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
@@ -184,6 +192,15 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         raise CheckpointError(f"{path} is not a qkv training checkpoint (format {metadata.get('format')!r})")
     if metadata.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {metadata.get('version')!r}; this qkv reads {VERSION}")
+    try:
+        damaged = digest_mismatches(tensors, metadata)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if damaged:
+        shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        raise CheckpointError(
+            f"{path} is damaged: the SHA-256 of {shown} differs from the one recorded when it was written"
+        )
     model = {k.removeprefix("model/"): t for k, t in tensors.items() if k.startswith("model/")}
     for alias, first in _json_field(metadata, "model_aliases", path).items():
         model[alias] = model[first]
@@ -247,14 +264,32 @@ def step_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(directory: str | os.PathLike) -> tuple[Path, Checkpoint] | None:
-    """The newest step checkpoint that reads correctly, loaded; ``None`` if there is none."""
+@dataclass
+class Resumable:
+    """What :func:`find_resumable` found: the newest readable step checkpoint (``None`` when there is none)
+    and the newer step checkpoints it skipped, each with the reason it could not be read."""
+
+    path: Path | None
+    checkpoint: Checkpoint | None
+    skipped: list[tuple[Path, str]]
+
+
+def find_resumable(directory: str | os.PathLike) -> Resumable:
+    """The newest step checkpoint of ``directory`` that reads correctly, and the newer ones that did not."""
+    skipped: list[tuple[Path, str]] = []
     for _, path in reversed(step_checkpoints(directory)):
         try:
-            return path, load_checkpoint(path)
-        except CheckpointError:
-            continue  # cannot happen with atomic writes, unless the file was damaged afterwards
-    return None
+            return Resumable(path, load_checkpoint(path), skipped)
+        except CheckpointError as e:  # atomic writes leave none; a file damaged afterwards, or a foreign one
+            skipped.append((path, str(e)))
+    return Resumable(None, None, skipped)
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> tuple[Path, Checkpoint] | None:
+    """The newest step checkpoint that reads correctly, loaded; ``None`` if there is none (see
+    :func:`find_resumable` for the ones skipped)."""
+    found = find_resumable(directory)
+    return None if found.path is None or found.checkpoint is None else (found.path, found.checkpoint)
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:

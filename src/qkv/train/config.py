@@ -30,6 +30,8 @@ from typing import Any
 import yaml
 
 from qkv.data.batching import DEFAULT_BUCKET_SIZE
+from qkv.data.safe_files import MiB, read_regular_file
+from qkv.train.safe_yaml import MESSAGE_CHARS, YAMLTooLargeError, load_yaml, short_repr
 
 CORPUS_NAMES = ("numbers", "dates", "copy", "reverse")
 TOKENIZER_KINDS = ("char", "word", "sentencepiece")
@@ -45,6 +47,8 @@ MODEL_DERIVED = {
     "transformer": ("src_vocab_size", "tgt_vocab_size", "pad_id", "bos_id", "eos_id", "shared_vocab"),
     "rnn": ("src_vocab_size", "tgt_vocab_size", "pad_id", "bos_id", "eos_id"),
 }
+# A config is a few KiB; a bigger file is a mistake (or /dev/zero), not something to read into memory.
+MAX_CONFIG_BYTES = 4 * MiB
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -73,7 +77,7 @@ def _is_number(value: Any) -> bool:
 def int_at_least(minimum: int) -> Check:
     def check(name: str, value: Any) -> int:
         if not _is_int(value) or value < minimum:
-            raise ConfigError(f"{name} must be an integer >= {minimum}; got {value!r}")
+            raise ConfigError(f"{name} must be an integer >= {minimum}; got {short_repr(value)}")
         return value
 
     return check
@@ -82,40 +86,40 @@ def int_at_least(minimum: int) -> Check:
 def positive_number(name: str, value: Any) -> float:
     value = _number(value)
     if not _is_number(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive number; got {value!r}")
+        raise ConfigError(f"{name} must be a positive number; got {short_repr(value)}")
     return float(value)
 
 
 def non_negative_number(name: str, value: Any) -> float:
     value = _number(value)
     if not _is_number(value) or value < 0:
-        raise ConfigError(f"{name} must be a number >= 0; got {value!r}")
+        raise ConfigError(f"{name} must be a number >= 0; got {short_repr(value)}")
     return float(value)
 
 
 def fraction(name: str, value: Any) -> float:
     value = _number(value)
     if not _is_number(value) or not 0 <= value < 1:
-        raise ConfigError(f"{name} must be a number in [0, 1); got {value!r}")
+        raise ConfigError(f"{name} must be a number in [0, 1); got {short_repr(value)}")
     return float(value)
 
 
 def boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false; got {value!r}")
+        raise ConfigError(f"{name} must be true or false; got {short_repr(value)}")
     return value
 
 
 def text(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{name} must be a non-empty string; got {value!r}")
+        raise ConfigError(f"{name} must be a non-empty string; got {short_repr(value)}")
     return value
 
 
 def one_of(*choices: str) -> Check:
     def check(name: str, value: Any) -> str:
         if value not in choices:
-            raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {short_repr(value)}")
         return value
 
     return check
@@ -131,7 +135,7 @@ def optional(inner: Check) -> Check:
 def betas(name: str, value: Any) -> list[float]:
     value = [_number(v) for v in value] if isinstance(value, (list, tuple)) else value
     if not (isinstance(value, list) and len(value) == 2 and all(_is_number(b) and 0 <= b < 1 for b in value)):
-        raise ConfigError(f"{name} must be a list of two numbers in [0, 1), e.g. [0.9, 0.98]; got {value!r}")
+        raise ConfigError(f"{name} must be a list of two numbers in [0, 1), e.g. [0.9, 0.98]; got {short_repr(value)}")
     return [float(b) for b in value]
 
 
@@ -154,7 +158,7 @@ class Section:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise ConfigError(f"{prefix} must be a mapping of keys to values; got {data!r}")
+            raise ConfigError(f"{prefix} must be a mapping of keys to values; got {short_repr(data)}")
         names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
         for key in data:
             if key not in names:
@@ -262,7 +266,7 @@ class ModelConfig:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise ConfigError(f"{prefix} must be a mapping of keys to values; got {data!r}")
+            raise ConfigError(f"{prefix} must be a mapping of keys to values; got {short_repr(data)}")
         kind = one_of(*MODEL_TYPES)(f"{prefix}.type", data.get("type", "transformer"))
         params = {key: value for key, value in data.items() if key != "type"}
         config = cls(kind, params)
@@ -294,7 +298,9 @@ class ModelConfig:
         try:
             return _model_config_class(self.type)(**params, **derived)
         except (ValueError, TypeError) as e:
+            # The model configs repr the bad value in full; keep the message to a readable line.
             message = str(e).removeprefix("RNNConfig.")
+            message = message if len(message) <= 2 * MESSAGE_CHARS else message[: 2 * MESSAGE_CHARS - 1] + "…"
             key = next((k for k in sorted(params, key=len, reverse=True) if message.startswith(k)), None)
             raise ConfigError(f"{prefix}.{message}" if key else f"{prefix}: {message}") from None
 
@@ -376,7 +382,7 @@ class Config:
     @classmethod
     def from_dict(cls, data: Any) -> Config:
         if not isinstance(data, Mapping):
-            raise ConfigError(f"a config is a mapping with sections {', '.join(SECTIONS)}; got {data!r}")
+            raise ConfigError(f"a config is a mapping with sections {', '.join(SECTIONS)}; got {short_repr(data)}")
         for key in data:
             if key not in SECTIONS:
                 raise ConfigError(f"unknown section {key}; valid sections: {', '.join(SECTIONS)}")
@@ -405,13 +411,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     path = key.strip().split(".")
     if not sep or not key.strip() or any(not part for part in path):
-        raise ConfigError(f"--set expects KEY=VALUE with a dotted key, e.g. training.lr=0.001; got {item!r}")
+        raise ConfigError(f"--set expects KEY=VALUE with a dotted key, e.g. training.lr=0.001; got {short_repr(item)}")
     if path[0] not in SECTIONS:
         raise ConfigError(f"--set {item}: unknown section {path[0]}; valid sections: {', '.join(SECTIONS)}")
     if len(path) < 2:
         raise ConfigError(f"--set {item}: name a key inside the {path[0]} section, e.g. {path[0]}.KEY=VALUE")
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
+    except YAMLTooLargeError as e:
+        raise ConfigError(f"--set {short_repr(item)}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {item}: the value is not valid YAML: {e}") from None
     return path, value
@@ -449,11 +457,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     ``reference`` names one of qkv's built-in configs."""
     path = resolve_config_path(path)
     try:
-        raw = Path(path).read_text(encoding="utf-8")
+        data_bytes = read_regular_file(path, MAX_CONFIG_BYTES)
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"cannot read config: {e}") from None
     try:
-        data = yaml.safe_load(raw)
+        raw = data_bytes.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data_bytes.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"config {path} is not UTF-8 text: byte 0x{data_bytes[e.start]:02x} on line {line}; save it as UTF-8"
+        ) from None
+    try:
+        data = load_yaml(raw)
+    except YAMLTooLargeError as e:
+        raise ConfigError(f"config {path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config {path} is not valid YAML: {e}") from None
     if data is None:

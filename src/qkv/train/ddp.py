@@ -114,6 +114,7 @@ def shard_rows(indices: Sequence[int], ctx: DistContext) -> list[int]:
 
 
 def barrier(ctx: DistContext) -> None:
+    """Wait until every rank gets here (nothing to wait for in a single process)."""
     if ctx.distributed:
         dist.barrier()
 
@@ -139,7 +140,8 @@ def gather_tensors(t: torch.Tensor, ctx: DistContext) -> list[torch.Tensor]:
 
 @contextmanager
 def distributed_session(device_preference: str = "auto") -> Iterator[DistContext]:
-    """:func:`init_distributed`, and :func:`shutdown` at the end."""
+    """:func:`init_distributed`, and :func:`shutdown` at the end (how :func:`qkv.train.trainer.train` runs
+    when it is not handed a :class:`DistContext`)."""
     ctx = init_distributed(device_preference)
     try:
         yield ctx

@@ -18,7 +18,14 @@ every rank, batcher position, step and best score, so ``--resume`` continues wit
 random numbers an uninterrupted run would have used.
 
 At the end the model chosen by ``output.export`` (best, last or the average of the last
-``output.average_last`` checkpoints) is written to the model directory (see :mod:`qkv.train.translate`).
+``output.average_last`` checkpoints) is written to the model directory (see :mod:`qkv.train.translate`),
+and, when ``data.test`` names files, scored on them (greedy or ``valid_beam`` decoding, like validation).
+
+Failures stop the run with one message (:class:`TrainError`): an output directory that cannot be written
+is found before any work, a write that fails during training (a full disk) names the file and keeps the
+checkpoints written before, ``--resume`` names every checkpoint it had to skip and why (and refuses to
+start over when none is readable), and Ctrl-C ends with :class:`TrainInterrupted`, saying which checkpoint
+``--resume`` will continue from.
 
 Log: ``train.log`` (plain text, one line per ``output.log_every`` steps with loss, lr, target tokens/s,
 gradient norm; one per validation), ``metrics.jsonl`` (one JSON object per validation), a tqdm progress
@@ -27,6 +34,7 @@ bar, and TensorBoard scalars under ``tensorboard/`` when ``output.tensorboard`` 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -47,7 +55,7 @@ from torch import nn
 
 from qkv.data.batching import Batch, SequentialBatcher, TokenBatcher, collate, padded_tokens
 from qkv.data.corpus import generate_corpus, split_paths, write_corpus
-from qkv.data.parallel import DataError, Pair, load_parallel, load_tsv
+from qkv.data.parallel import DataError, LoadReport, Pair, load_parallel, load_tsv
 from qkv.data.tokenizer import Example, Tokenizer, encode_pairs, train_tokenizer
 from qkv.models.checkpoint import save_model
 from qkv.models.rnn import RNNSeq2Seq
@@ -56,17 +64,18 @@ from qkv.train import checkpoint_io as ckpt
 from qkv.train.config import Config, ConfigError, SplitFiles, read_yaml
 from qkv.train.ddp import (
     DistContext,
+    barrier,
     broadcast_flag,
+    distributed_session,
     gather_tensors,
-    init_distributed,
     no_sync,
     shard_rows,
-    shutdown,
     unwrap_model,
     wrap_model,
 )
 from qkv.train.evaluate import score
 from qkv.train.loss import label_smoothed_loss
+from qkv.train.safe_yaml import short_repr
 from qkv.train.schedule import WarmupSchedule
 from qkv.train.translate import (
     TRAIN_CONFIG_FILE,
@@ -81,10 +90,36 @@ DATA_DIR = "data"
 LOG_FILE = "train.log"
 METRICS_FILE = "metrics.jsonl"
 LOWER_IS_BETTER = {"loss"}
+EXPORT_TEMP_PREFIX = ".export-"
 
 
 class TrainError(RuntimeError):
     """Training cannot start or continue as asked; the message says why and what to do."""
+
+
+class TrainInterrupted(TrainError):
+    """Training was interrupted (Ctrl-C); the message says at which step and where ``--resume`` continues."""
+
+
+def write_failure(what: str, path: Path, error: OSError) -> TrainError:
+    """A :class:`TrainError` for a failed write: the file, the system's reason and what is left intact."""
+    reason = error.strerror or str(error)
+    code = f" ({errno.errorcode.get(error.errno, error.errno)})" if error.errno else ""
+    return TrainError(f"cannot write {what} {path}: {reason}{code}; the files written before it are intact")
+
+
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` if needed and check a file can be created in it (before any work is done)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-")
+        probe.close()
+    except OSError as e:
+        raise TrainError(
+            f"output.dir {directory} cannot be written: {e.strerror or e}"
+            + (f" ({e.filename})" if e.filename and str(e.filename) != str(directory) else "")
+            + "; choose a directory you can write (--set output.dir=...)"
+        ) from None
 
 
 @dataclass
@@ -100,6 +135,7 @@ class TrainResult:
         resumed_from: the checkpoint training continued from, if any.
         exported: which weights are in the model directory (``best``, ``last`` or ``averaged``).
         last_validation: the scores of the last validation.
+        test_scores: the exported model's scores on ``data.test`` (empty without a test split).
     """
 
     step: int
@@ -111,6 +147,7 @@ class TrainResult:
     resumed_from: Path | None
     exported: str
     last_validation: dict[str, Any] = field(default_factory=dict)
+    test_scores: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,6 +158,8 @@ class PreparedData:
     tgt_tokenizer: Tokenizer
     train_examples: list[Example]
     valid_examples: list[Example]
+    test_pairs: list[Pair] = field(default_factory=list)
+    test_examples: list[Example] = field(default_factory=list)
 
 
 def build_model(config: Config, src_vocab_size: int, tgt_vocab_size: int) -> nn.Module:
@@ -131,11 +170,17 @@ def build_model(config: Config, src_vocab_size: int, tgt_vocab_size: int) -> nn.
     return TransformerSeq2Seq(model_config) if config.model.type == "transformer" else RNNSeq2Seq(model_config)
 
 
-def _load_split(files: SplitFiles, max_chars: int | None, max_length: int | None) -> list[Pair]:
+def _load_split(
+    name: str, files: SplitFiles, max_chars: int | None, max_length: int | None, log: Callable[[str], None]
+) -> list[Pair]:
+    """The kept pairs of one split, logging what was dropped (empty or too long pairs) and why."""
+    report: LoadReport
     if files.tsv is not None:
-        pairs, _ = load_tsv(files.tsv, max_chars=max_chars, max_tokens=max_length)
+        pairs, report = load_tsv(files.tsv, max_chars=max_chars, max_tokens=max_length)
     else:
-        pairs, _ = load_parallel(files.src, files.tgt, max_chars=max_chars, max_tokens=max_length)  # type: ignore[arg-type]
+        pairs, report = load_parallel(files.src, files.tgt, max_chars=max_chars, max_tokens=max_length)  # type: ignore[arg-type]
+    if report.dropped_empty or report.dropped_long:
+        log(f"{name} split: {report.summary()}")
     return pairs
 
 
@@ -176,12 +221,15 @@ def prepare_data(
             )
             write_corpus(corpus, corpus_dir)
             log(f"generated the {d.corpus} corpus ({d.size} pairs, seed {d.seed}) in {corpus_dir}")
-        _barrier(ctx)
+        barrier(ctx)
         splits = {name: SplitFiles(*map(str, split_paths(corpus_dir, name))) for name in ("train", "valid")}
     else:
         splits = {"train": d.train, "valid": d.valid}
-    train_pairs = _load_split(splits["train"], d.max_chars, d.max_length)  # type: ignore[arg-type]
-    valid_pairs = _load_split(splits["valid"], d.max_chars, d.max_length)  # type: ignore[arg-type]
+    train_pairs = _load_split("train", splits["train"], d.max_chars, d.max_length, log)  # type: ignore[arg-type]
+    valid_pairs = _load_split("valid", splits["valid"], d.max_chars, d.max_length, log)  # type: ignore[arg-type]
+    # The test split (your own files only; the demo scores the built-in corpus' test split itself) is
+    # scored once, at the end, with the exported model.
+    test_pairs = _load_split("test", d.test, d.max_chars, d.max_length, log) if d.test is not None else []
     if not train_pairs or not valid_pairs:
         raise TrainError(f"no {'training' if not train_pairs else 'validation'} pairs left after filtering")
 
@@ -199,7 +247,7 @@ def prepare_data(
             tgt_tok = train_tokenizer(kind, tgt_texts, vocab_size=d.vocab_size, model_type=model_type)
         save_tokenizers(out, src_tok, tgt_tok, shared=d.shared_vocab)
         log(f"trained {kind} tokenizers: source {src_tok.vocab_size} ids, target {tgt_tok.vocab_size} ids")
-    _barrier(ctx)
+    barrier(ctx)
     src_tok, tgt_tok = load_tokenizers(out)
     return PreparedData(
         train_pairs=train_pairs,
@@ -208,12 +256,9 @@ def prepare_data(
         tgt_tokenizer=tgt_tok,
         train_examples=encode_pairs(train_pairs, src_tok, tgt_tok),
         valid_examples=encode_pairs(valid_pairs, src_tok, tgt_tok),
+        test_pairs=test_pairs,
+        test_examples=encode_pairs(test_pairs, src_tok, tgt_tok),
     )
-
-
-def _barrier(ctx: DistContext) -> None:
-    if ctx.distributed:
-        torch.distributed.barrier()
 
 
 def seed_everything(seed: int) -> None:
@@ -280,8 +325,8 @@ class Trainer:
         self.ckpt_dir = self.out / CHECKPOINT_DIR
         self.device = ctx.device
         if ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        _barrier(ctx)
+            check_writable(self.out)
+        barrier(ctx)
         existing = ckpt.step_checkpoints(self.ckpt_dir)
         if existing and not resume:
             raise TrainError(
@@ -290,12 +335,17 @@ class Trainer:
             )
         if resume:
             self._check_resumable()
-        _barrier(ctx)  # every rank has read the saved config before rank 0 replaces it
+        barrier(ctx)  # every rank has read the saved config before rank 0 replaces it
         self.log = RunLog(self.out, enabled=ctx.is_main, tensorboard=config.output.tensorboard, echo=echo)
         if ctx.is_main:
             removed = ckpt.clean_temp_files(self.ckpt_dir)
             if removed:
                 self.log.line(f"removed {len(removed)} unfinished checkpoint file(s) of an interrupted run")
+            exports = [p for p in self.out.glob(f"{EXPORT_TEMP_PREFIX}*") if p.is_dir()]
+            for path in exports:
+                shutil.rmtree(path, ignore_errors=True)
+            if exports:
+                self.log.line(f"removed {len(exports)} unfinished export director(ies) of an interrupted run")
             ckpt.atomic_write(self.out / TRAIN_CONFIG_FILE, config.to_yaml().encode("utf-8"))
 
         seed_everything(t.seed)
@@ -328,6 +378,7 @@ class Trainer:
         self.last_validation: dict[str, Any] = {}
         self.resumed_from: Path | None = None
         self.stopped_early = False
+        self.test_scores: dict[str, Any] = {}
         # Dropout draws differ between ranks (each sees other rows), reproducibly.
         torch.manual_seed(t.seed + 1 + ctx.rank)
         if resume:
@@ -348,18 +399,36 @@ class Trainer:
             if changed:
                 k = changed[0]
                 raise TrainError(
-                    f"cannot resume: {section}.{k} was {before.get(k)!r} in {saved_path} but is "
-                    f"{now[section].get(k)!r} now; a resumed run needs the same data and model settings"
+                    f"cannot resume: {section}.{k} was {short_repr(before.get(k))} in {saved_path} but is "
+                    f"{short_repr(now[section].get(k))} now; a resumed run needs the same data and model settings"
                 )
 
     def _resume(self) -> None:
-        found = ckpt.latest_checkpoint(self.ckpt_dir)
-        if found is None:
+        found = ckpt.find_resumable(self.ckpt_dir)
+        skipped = "; ".join(f"{path.name}: {reason}" for path, reason in found.skipped)
+        if found.path is None or found.checkpoint is None:
+            if found.skipped:
+                raise TrainError(
+                    f"cannot resume: no checkpoint in {self.ckpt_dir} can be read ({skipped}); move or delete "
+                    "them to start again from step 0"
+                )
             self.log.line(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
             return
-        path, saved = found
+        path, saved = found.path, found.checkpoint
+        for bad, reason in found.skipped:
+            self.log.line(
+                f"warning: --resume skipped {bad}, which cannot be read ({reason}); continuing from the older "
+                f"{path.name}, and training will overwrite {bad.name} when it reaches that step"
+            )
         state = saved.state
-        self.model.load_state_dict(saved.model)
+        try:
+            self.model.load_state_dict(saved.model)
+        except RuntimeError as e:  # torch lists every missing key and shape mismatch
+            first = str(e).strip().splitlines()
+            raise TrainError(
+                f"cannot resume from {path}: it does not fit the model built from the config and the tokenizers "
+                f"in {self.out} ({first[-1].strip() if first else e}); were the tokenizers replaced?"
+            ) from None
         if saved.optimizer is None:
             raise TrainError(f"{path} has no optimizer state; it is not a step checkpoint")
         self.optimizer.load_state_dict(saved.optimizer)
@@ -454,10 +523,15 @@ class Trainer:
     def validate(self) -> dict[str, Any]:
         """Loss, perplexity, BLEU, chrF and exact match on the valid split (rank 0)."""
         t = self.config.training
-        model = unwrap_model(self.ddp_model)
         pairs, examples = self.data.valid_pairs, self.data.valid_examples
         if t.valid_max_sentences is not None:
             pairs, examples = pairs[: t.valid_max_sentences], examples[: t.valid_max_sentences]
+        return self.score_split(pairs, examples)
+
+    def score_split(self, pairs: list[Pair], examples: list[Example]) -> dict[str, Any]:
+        """Loss, perplexity, BLEU, chrF and exact match of the current model on ``pairs`` (rank 0)."""
+        t = self.config.training
+        model = unwrap_model(self.ddp_model)
         longest = max(padded_tokens(1, len(s), len(g)) for s, g in examples)
         batcher = SequentialBatcher(examples, max_tokens=max(t.max_tokens, longest), sort_by_length=True)
         nll_sum, tokens = 0.0, 0
@@ -508,11 +582,15 @@ class Trainer:
             improved = self.best_score is None or (value < self.best_score if lower else value > self.best_score)
             if improved:
                 self.best_score, self.best_step, self.bad_validations = value, self.step, 0
-                ckpt.save_checkpoint(
-                    self.ckpt_dir / ckpt.BEST_FILE,
-                    unwrap_model(self.ddp_model).state_dict(),
-                    state={"step": self.step, "metric": metric, "score": value, "validation": result},
-                )
+                best_path = self.ckpt_dir / ckpt.BEST_FILE
+                try:
+                    ckpt.save_checkpoint(
+                        best_path,
+                        unwrap_model(self.ddp_model).state_dict(),
+                        state={"step": self.step, "metric": metric, "score": value, "validation": result},
+                    )
+                except OSError as e:
+                    raise write_failure("checkpoint", best_path, e) from None
             else:
                 self.bad_validations += 1
             stop = t.patience is not None and self.bad_validations >= t.patience
@@ -568,9 +646,12 @@ class Trainer:
             "stopped_early": self.stopped_early,
         }
         path = self.ckpt_dir / ckpt.STEP_FILE.format(step=self.step)
-        ckpt.save_checkpoint(
-            path, self.model.state_dict(), optimizer_state=self.optimizer.state_dict(), state=state, rng=rng
-        )
+        try:
+            ckpt.save_checkpoint(
+                path, self.model.state_dict(), optimizer_state=self.optimizer.state_dict(), state=state, rng=rng
+            )
+        except OSError as e:
+            raise write_failure("checkpoint", path, e) from None
         ckpt.prune_checkpoints(self.ckpt_dir, self.config.output.keep_last)
 
     def _finish(self) -> str:
@@ -579,9 +660,11 @@ class Trainer:
         if o.average_last >= 2:
             steps = ckpt.step_checkpoints(self.ckpt_dir)[-o.average_last :]
             averaged = ckpt.average_checkpoints([p for _, p in steps])
-            ckpt.save_checkpoint(
-                self.ckpt_dir / ckpt.AVERAGED_FILE, averaged, state={"steps": [s for s, _ in steps]}
-            )
+            averaged_path = self.ckpt_dir / ckpt.AVERAGED_FILE
+            try:
+                ckpt.save_checkpoint(averaged_path, averaged, state={"steps": [s for s, _ in steps]})
+            except OSError as e:
+                raise write_failure("checkpoint", averaged_path, e) from None
             self.log.line(f"averaged the checkpoints of steps {', '.join(str(s) for s, _ in steps)}")
         export = o.export
         model = unwrap_model(self.ddp_model)
@@ -590,10 +673,33 @@ class Trainer:
             model.load_state_dict(ckpt.load_checkpoint(best_path).model)
         elif export == "averaged":
             model.load_state_dict(ckpt.load_checkpoint(self.ckpt_dir / ckpt.AVERAGED_FILE).model)
-        export_model(model, self.out)
+        try:
+            export_model(model, self.out)
+        except OSError as e:
+            raise write_failure("the model into", self.out, e) from None
         what = {"best": f"best ({self.best_step})", "last": f"last ({self.step})", "averaged": "averaged"}[export]
         self.log.line(f"wrote the {what} model to {self.out}")
         return export
+
+    def _score_test(self) -> None:
+        """Score the exported model (now in ``self.model``) on ``data.test`` and log it (rank 0)."""
+        result = self.score_split(self.data.test_pairs, self.data.test_examples)
+        self.test_scores = result
+        self.log.metrics({"split": "test", **result})
+        self.log.line(
+            f"test ({result['sentences']} sentences, exported model) | loss {result['loss']:.4f} | "
+            f"ppl {result['ppl']:.2f} | BLEU {result['bleu']:.2f} | chrF {result['chrf']:.2f} | "
+            f"exact {result['exact_match']:.2f}%"
+        )
+
+    def _interrupted(self) -> TrainInterrupted:
+        """The error for Ctrl-C: the step reached and what ``--resume`` will continue from."""
+        found = ckpt.step_checkpoints(self.ckpt_dir)
+        if found:
+            where = f"--resume continues from {found[-1][1]} (step {found[-1][0]})"
+        else:
+            where = "no checkpoint was written yet, so a new run starts from step 0"
+        return TrainInterrupted(f"interrupted at step {self.step}; {where}")
 
     # -- the loop ----------------------------------------------------------------------------------------
 
@@ -657,11 +763,16 @@ class Trainer:
             if self.last_checkpoint_step != self.step or not ckpt.step_checkpoints(self.ckpt_dir):
                 self.save_checkpoint()
             exported = self._finish() if main else self.config.output.export
+            if main and self.data.test_examples:
+                self._score_test()
+        except KeyboardInterrupt:
+            # The checkpoints on disk are whole (atomic writes); the update in flight is simply lost.
+            raise self._interrupted() from None
         finally:
             if bar is not None:
                 bar.close()
             self.log.close()
-        _barrier(self.ctx)
+        barrier(self.ctx)
         return TrainResult(
             step=self.step,
             output_dir=self.out,
@@ -672,13 +783,14 @@ class Trainer:
             resumed_from=self.resumed_from,
             exported=exported,
             last_validation=self.last_validation,
+            test_scores=self.test_scores,
         )
 
 
 def export_model(model: nn.Module, directory: Path) -> None:
     """``save_model`` into a temporary directory beside the target, then ``os.replace`` each file into
     ``directory``: a reader never sees a half-written ``model.safetensors`` or ``config.json``."""
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=directory))
+    tmp = Path(tempfile.mkdtemp(prefix=EXPORT_TEMP_PREFIX, dir=directory))
     try:
         save_model(model, tmp)
         for item in tmp.iterdir():
@@ -697,17 +809,16 @@ def train(
     """Train as ``config`` says (see the module docstring); under torchrun, one process of several.
 
     Raises:
-        ConfigError, TrainError, DataError: a configuration, resume or data problem, with a message saying
-            what is wrong.
+        ConfigError, TrainError, DataError: a configuration, resume, data or write problem, with a message
+            saying what is wrong.
+        TrainInterrupted: Ctrl-C (a :class:`TrainError` saying where ``--resume`` continues).
     """
-    own = ctx is None
-    if ctx is None:
-        ctx = init_distributed(config.training.device)
-    try:
+    if ctx is not None:
         return Trainer(config, ctx, resume=resume, echo=echo).run()
-    finally:
-        if own:
-            shutdown(ctx)
+    with distributed_session(config.training.device) as own:
+        return Trainer(config, own, resume=resume, echo=echo).run()
 
 
-__all__ = ["ConfigError", "TrainError", "TrainResult", "Trainer", "build_model", "export_model", "train"]
+__all__ = [
+    "ConfigError", "TrainError", "TrainInterrupted", "TrainResult", "Trainer", "build_model", "export_model", "train",
+]

@@ -35,6 +35,7 @@ from qkv.data.tokenizer import Tokenizer, load_tokenizer
 from qkv.models.checkpoint import load_model
 from qkv.models.interface import Seq2SeqModel
 from qkv.models.search import Hypothesis, beam_search, check_length_penalty, greedy_search
+from qkv.train.model_dir import check_model_directory
 
 TRAIN_CONFIG_FILE = "train_config.yaml"
 SHARED_TOKENIZER_FILE = "tokenizer.json"
@@ -225,6 +226,8 @@ class Translator:
 
         Raises:
             FileNotFoundError, ValueError: the directory lacks a file or holds one that cannot be used.
+            ModelDirectoryError: (a ``ValueError``) the tokenizers and the model config disagree on the
+                vocabulary sizes or the special ids (files from different runs).
             ValueError: ``device`` is CUDA but torch sees no CUDA device.
         """
         directory = Path(directory)
@@ -237,6 +240,7 @@ class Translator:
             )
         src, tgt = load_tokenizers(directory)
         model = load_model(directory, device=device)
+        check_model_directory(directory, getattr(model, "config", None), src, tgt)
         return cls(model, src, tgt, device=device)  # type: ignore[arg-type]
 
     def translate(
