@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {mark} {r.source!r:40} → {r.text!r}" + ("" if r.text == ref else f"   (reference {ref!r})"))
     plot_path = out / "alignment.png"
     first = shown[0]
+    assert first.hypothesis is not None, "the demo translates with attention"
     plot_alignment(first.hypothesis.cross_attention, first.src_tokens, first.tgt_tokens, path=plot_path)
     print(f"\nwrote the cross-attention of {first.source!r} → {first.text!r} to {plot_path}")
     print(f"\ndone in {time.perf_counter() - start:.0f} s. Next: `qkv translate --model {out}`, "

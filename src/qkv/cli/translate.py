@@ -195,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         from qkv.viz.alignment import plot_alignment
 
         line, result = first
+        assert result.hypothesis is not None, "first holds a sentence with a hypothesis"
         plot_alignment(result.hypothesis.cross_attention, result.src_tokens, result.tgt_tokens, path=args.attention)
         print(f"wrote the alignment of sentence {line} to {args.attention}", file=sys.stderr)
     return 0

@@ -432,7 +432,9 @@ def train_tokenizer(
         )
     if model_type is not None:
         raise DataError(f"model_type is for the sentencepiece tokenizer; the {kind} tokenizer has none")
-    return TOKENIZERS[kind].train(texts, vocab_size=vocab_size)
+    vocab_tokenizer = TOKENIZERS[kind]
+    assert issubclass(vocab_tokenizer, _VocabTokenizer), kind
+    return vocab_tokenizer.train(texts, vocab_size=vocab_size)
 
 
 def encode_pairs(pairs: Iterable[Pair], src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer) -> list[Example]:

@@ -129,7 +129,8 @@ def save_model(model: nn.Module, directory: str | Path) -> Path:
     tensors = {key: t.detach().cpu().contiguous() for key, t in state.items() if key not in aliases}
     metadata = {"format": "pt", "model_type": model_type, DIGESTS_KEY: json.dumps(tensor_digests(tensors))}
     _write_bytes(directory / WEIGHTS_NAME, safetensors_bytes(tensors, metadata=metadata))
-    config = {"model_type": model_type, **model.config.to_dict()}
+    model_config: Any = model.config  # every model save_model takes has a config dataclass
+    config = {"model_type": model_type, **model_config.to_dict()}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 
 from qkv.ops.dispatch import BackendChoice, check_backend, choose_backend
@@ -12,6 +14,111 @@ from qkv.ops.sdpa import sdpa_attention
 from qkv.ops.spec import build_spec
 from qkv.ops.tiled import tiled_attention
 from qkv.ops.triton_backend import triton_attention
+
+
+@overload
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = ...,
+    key_lengths: torch.Tensor | None = ...,
+    causal: bool | str = ...,
+    window: tuple[int, int] | None = ...,
+    scale: float | None = ...,
+    alibi_slopes: torch.Tensor | None = ...,
+    softcap: float | None = ...,
+    dropout: float = ...,
+    generator: torch.Generator | None = ...,
+    return_weights: Literal[False] = ...,
+    return_lse: Literal[False] = ...,
+    backend: str = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = ...,
+    key_lengths: torch.Tensor | None = ...,
+    causal: bool | str = ...,
+    window: tuple[int, int] | None = ...,
+    scale: float | None = ...,
+    alibi_slopes: torch.Tensor | None = ...,
+    softcap: float | None = ...,
+    dropout: float = ...,
+    generator: torch.Generator | None = ...,
+    return_weights: Literal[True],
+    return_lse: Literal[False] = ...,
+    backend: str = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = ...,
+    key_lengths: torch.Tensor | None = ...,
+    causal: bool | str = ...,
+    window: tuple[int, int] | None = ...,
+    scale: float | None = ...,
+    alibi_slopes: torch.Tensor | None = ...,
+    softcap: float | None = ...,
+    dropout: float = ...,
+    generator: torch.Generator | None = ...,
+    return_weights: Literal[False] = ...,
+    return_lse: Literal[True],
+    backend: str = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = ...,
+    key_lengths: torch.Tensor | None = ...,
+    causal: bool | str = ...,
+    window: tuple[int, int] | None = ...,
+    scale: float | None = ...,
+    alibi_slopes: torch.Tensor | None = ...,
+    softcap: float | None = ...,
+    dropout: float = ...,
+    generator: torch.Generator | None = ...,
+    return_weights: Literal[True],
+    return_lse: Literal[True],
+    backend: str = ...,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = ...,
+    key_lengths: torch.Tensor | None = ...,
+    causal: bool | str = ...,
+    window: tuple[int, int] | None = ...,
+    scale: float | None = ...,
+    alibi_slopes: torch.Tensor | None = ...,
+    softcap: float | None = ...,
+    dropout: float = ...,
+    generator: torch.Generator | None = ...,
+    return_weights: bool = ...,
+    return_lse: bool = ...,
+    backend: str = ...,
+) -> torch.Tensor | tuple[torch.Tensor, ...]: ...
 
 
 def attention(

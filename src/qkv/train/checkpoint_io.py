@@ -229,8 +229,8 @@ def capture_rng(rank: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     tensors = {f"rank{rank}/torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors[f"rank{rank}/cuda"] = torch.cuda.get_rng_state()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    tensors["numpy"] = torch.from_numpy(np.asarray(keys).astype(np.int64))
     version, internal, gauss_next = random.getstate()
     scalars = {"python": [version, list(internal), gauss_next], "numpy": [name, int(pos), int(has_gauss), cached]}
     return tensors, scalars

@@ -299,10 +299,10 @@ class ModelConfig:
             return _model_config_class(self.type)(**params, **derived)
         except (ValueError, TypeError) as e:
             # The model configs repr the bad value in full; keep the message to a readable line.
-            message = str(e).removeprefix("RNNConfig.")
-            message = message if len(message) <= 2 * MESSAGE_CHARS else message[: 2 * MESSAGE_CHARS - 1] + "…"
-            key = next((k for k in sorted(params, key=len, reverse=True) if message.startswith(k)), None)
-            raise ConfigError(f"{prefix}.{message}" if key else f"{prefix}: {message}") from None
+            full = str(e).removeprefix("RNNConfig.")
+            message = full if len(full) <= 2 * MESSAGE_CHARS else full[: 2 * MESSAGE_CHARS - 1] + "…"
+            named = any(message.startswith(k) for k in params)
+            raise ConfigError(f"{prefix}.{message}" if named else f"{prefix}: {message}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, **self.params}

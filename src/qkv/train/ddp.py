@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -105,7 +106,8 @@ def no_sync(model: nn.Module, sync: bool):
     """DDP's ``no_sync()`` (skip the gradient all-reduce of an accumulation micro-batch) unless ``sync``."""
     if sync or not hasattr(model, "no_sync"):
         return nullcontext()
-    return model.no_sync()
+    wrapped: Any = model  # a DistributedDataParallel, which has no_sync
+    return wrapped.no_sync()
 
 
 def shard_rows(indices: Sequence[int], ctx: DistContext) -> list[int]:

@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ from qkv.data.corpus import generate_corpus, split_paths, write_corpus
 from qkv.data.parallel import DataError, LoadReport, Pair, load_parallel, load_tsv
 from qkv.data.tokenizer import Example, Tokenizer, encode_pairs, train_tokenizer
 from qkv.models.checkpoint import save_model
+from qkv.models.interface import Seq2SeqModel
 from qkv.models.rnn import RNNSeq2Seq
 from qkv.models.transformer import TransformerSeq2Seq
 from qkv.train import checkpoint_io as ckpt
@@ -222,11 +223,15 @@ def prepare_data(
             write_corpus(corpus, corpus_dir)
             log(f"generated the {d.corpus} corpus ({d.size} pairs, seed {d.seed}) in {corpus_dir}")
         barrier(ctx)
-        splits = {name: SplitFiles(*map(str, split_paths(corpus_dir, name))) for name in ("train", "valid")}
+        splits: dict[str, SplitFiles | None] = {
+            name: SplitFiles(*map(str, split_paths(corpus_dir, name))) for name in ("train", "valid")
+        }
     else:
         splits = {"train": d.train, "valid": d.valid}
-    train_pairs = _load_split("train", splits["train"], d.max_chars, d.max_length, log)  # type: ignore[arg-type]
-    valid_pairs = _load_split("valid", splits["valid"], d.max_chars, d.max_length, log)  # type: ignore[arg-type]
+    train_files, valid_files = splits["train"], splits["valid"]
+    assert train_files is not None and valid_files is not None, "the config requires data.train and data.valid"
+    train_pairs = _load_split("train", train_files, d.max_chars, d.max_length, log)
+    valid_pairs = _load_split("valid", valid_files, d.max_chars, d.max_length, log)
     # The test split (your own files only; the demo scores the built-in corpus' test split itself) is
     # scored once, at the end, with the exported model.
     test_pairs = _load_split("test", d.test, d.max_chars, d.max_length, log) if d.test is not None else []
@@ -355,7 +360,8 @@ class Trainer:
         self.model = build_model(config, self.src_tok.vocab_size, self.tgt_tok.vocab_size).to(self.device)
         self.ddp_model = wrap_model(self.model, ctx)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay
+            self.model.parameters(), lr=t.lr, betas=(t.betas[0], t.betas[1]), eps=t.adam_eps,
+            weight_decay=t.weight_decay,
         )
         self.schedule = WarmupSchedule(
             self.optimizer, t.schedule, lr=t.lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr=t.min_lr
@@ -548,7 +554,7 @@ class Trainer:
                     nll_sum += float(nll)
                     tokens += n
             hypotheses = decode_sources(
-                model, [s for s, _ in examples], beam=t.valid_beam, length_penalty=t.length_penalty,
+                cast(Seq2SeqModel, model), [s for s, _ in examples], beam=t.valid_beam, length_penalty=t.length_penalty,
                 max_tokens=t.max_tokens, device=self.device,
             )
         finally:
@@ -623,15 +629,15 @@ class Trainer:
         rng, rng_scalars = ckpt.capture_rng(0)
         if self.ctx.distributed:
             rng = {k: v for k, v in rng.items() if not k.startswith("rank")}
-            for rank, state in enumerate(gather_tensors(torch.get_rng_state(), self.ctx)):
-                rng[f"rank{rank}/torch"] = state
+            for rank, rank_state in enumerate(gather_tensors(torch.get_rng_state(), self.ctx)):
+                rng[f"rank{rank}/torch"] = rank_state
             if self.device.type == "cuda":
-                for rank, state in enumerate(gather_tensors(torch.cuda.get_rng_state(self.device), self.ctx)):
-                    rng[f"rank{rank}/cuda"] = state
+                for rank, rank_state in enumerate(gather_tensors(torch.cuda.get_rng_state(self.device), self.ctx)):
+                    rng[f"rank{rank}/cuda"] = rank_state
         self.last_checkpoint_step = self.step
         if not self.ctx.is_main:
             return
-        state = {
+        state: dict[str, object] = {
             "step": self.step,
             "epoch": self.batcher.position.epoch,
             "best": {"metric": self.config.training.early_stopping_metric, "score": self.best_score,
