@@ -77,36 +77,14 @@ def _fail(message: str) -> int:
     return 2
 
 
-def decode_lines(data: bytes, source: str) -> list[str]:
-    """The lines of UTF-8 ``data`` split at ``\\n`` only, without line endings (a ``\\r`` before the
-    ``\\n`` dropped, a leading byte-order mark ignored, a final newline adding no line).
-
-    Raises:
-        ValueError: ``data`` is not UTF-8; the message names ``source``, the line and the byte.
-    """
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line_start = data.rfind(b"\n", 0, e.start) + 1
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(
-            f"{source} line {line} is not valid UTF-8 (0x{data[e.start]:02x} at byte {e.start - line_start + 1} "
-            "of the line); expected UTF-8 text"
-        ) from None
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
-
-
 def read_input(name: str) -> list[str]:
-    """The lines of file ``name`` (``-``: stdin), as :func:`decode_lines` splits them.
+    """The lines of file ``name`` (``-``: stdin), as :func:`qkv.data.parallel.decode_lines` splits them.
 
     Raises:
         ValueError: the file cannot be read or is not UTF-8 (naming the line).
     """
+    from qkv.data.parallel import decode_lines
+
     if name == "-":
         stream = getattr(sys.stdin, "buffer", None)
         # A text-only stdin (e.g. io.StringIO): surrogate escapes turn undecodable bytes back into bytes.

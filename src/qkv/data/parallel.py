@@ -72,8 +72,34 @@ class LengthStats:
     max: int
 
 
+def decode_lines(data: bytes, source: str) -> list[str]:
+    """The lines of UTF-8 ``data`` split at ``\\n`` only, without line endings: a ``\\r`` before the
+    ``\\n`` is dropped, a leading byte-order mark ignored, and a final newline adds no line. Form feeds,
+    U+2028 and the other characters ``str.splitlines`` also splits at stay inside their line, so line ``n``
+    of a file is always sentence ``n``.
+
+    Raises:
+        DataError: ``data`` is not UTF-8; the message names ``source``, the line and the offending byte.
+    """
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{source} line {line} is not valid UTF-8 (0x{data[e.start]:02x} at byte {e.start - line_start + 1} "
+            f"of the line); expected UTF-8 text"
+        ) from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def read_lines(path: PathLike) -> list[str]:
-    """The lines of a UTF-8 text file, without line endings.
+    """The lines of a UTF-8 text file, as :func:`decode_lines` splits them.
 
     Raises:
         DataError: the file cannot be read, is empty, or has a line that is not valid UTF-8 (the message
@@ -83,23 +109,9 @@ def read_lines(path: PathLike) -> list[str]:
         data = Path(path).read_bytes()
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if not data:
+    if not data.removeprefix(b"\xef\xbb\xbf"):
         raise DataError(f"{path} is empty; expected one sentence per line")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line_start = data.rfind(b"\n", 0, e.start) + 1
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(
-            f"{path} line {line} is not valid UTF-8 (0x{data[e.start]:02x} at byte {e.start - line_start + 1} "
-            f"of the line); expected UTF-8 text"
-        ) from None
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+    return decode_lines(data, str(path))
 
 
 def load_parallel(
