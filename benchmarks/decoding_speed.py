@@ -112,8 +112,14 @@ def build_model(kind: str, vocab: int, width: int, layers: int, seed: int) -> to
     except ImportError as error:  # the Transformer is optional for this script
         raise SystemExit(f"--model transformer needs qkv.models.transformer ({error}); use --model rnn") from error
     config = TransformerConfig(
-        src_vocab_size=vocab, tgt_vocab_size=vocab, d_model=width, num_heads=max(1, width // 64),
-        encoder_layers=layers, decoder_layers=layers, ffn_dim=4 * width, dropout=0.0,
+        src_vocab_size=vocab,
+        tgt_vocab_size=vocab,
+        d_model=width,
+        num_heads=max(1, width // 64),
+        encoder_layers=layers,
+        decoder_layers=layers,
+        ffn_dim=4 * width,
+        dropout=0.0,
     )
     return TransformerSeq2Seq(config).eval()
 
@@ -141,10 +147,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 hyps += search(wrapped, src[i : i + args.batch_size], lengths[i : i + args.batch_size])
             seconds = time.perf_counter() - start
             outputs[search_name, variant] = [h[0].tokens for h in hyps]
-            rows.append({
-                "search": search_name, "decoder": variant, "seconds": seconds,
-                "sentences_per_s": args.sentences / seconds, "tokens_per_s": args.sentences * args.tgt_len / seconds,
-            })
+            rows.append(
+                {
+                    "search": search_name,
+                    "decoder": variant,
+                    "seconds": seconds,
+                    "sentences_per_s": args.sentences / seconds,
+                    "tokens_per_s": args.sentences * args.tgt_len / seconds,
+                }
+            )
         same = outputs[search_name, "cached"] == outputs[search_name, "uncached"]
         cached, uncached = rows[-2], rows[-1]
         for row in (cached, uncached):
@@ -155,7 +166,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "decoding_speed",
         "config": {**vars(args), "parameters": params},
         "machine": {
-            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
             "processor": platform.processor() or platform.machine(),
         },
         "convention": "sentences/s = sentences / wall time of the whole search (batches of --batch-size); "

@@ -102,8 +102,15 @@ class Result:
         return self.case.flops / (ms * 1e-3) / 1e12 if ms else None
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self.case), "times_ms": self.times_ms, "median_ms": self.median_ms,
-                "tflops": self.tflops, "peak_mib": self.peak_mib, "status": self.status, "note": self.note}
+        return {
+            **asdict(self.case),
+            "times_ms": self.times_ms,
+            "median_ms": self.median_ms,
+            "tflops": self.tflops,
+            "peak_mib": self.peak_mib,
+            "status": self.status,
+            "note": self.note,
+        }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -119,8 +126,20 @@ def speed_plan(args: argparse.Namespace) -> Iterator[Case]:
             for causal in (False, True):
                 for mode in args.modes:
                     for peer in args.speed_peers:
-                        yield Case("speed", "causal" if causal else "plain", peer, mode, batch, heads, heads,
-                                   n, n, head_dim, args.dtype, causal)
+                        yield Case(
+                            "speed",
+                            "causal" if causal else "plain",
+                            peer,
+                            mode,
+                            batch,
+                            heads,
+                            heads,
+                            n,
+                            n,
+                            head_dim,
+                            args.dtype,
+                            causal,
+                        )
 
 
 def feature_peers(feature: str) -> tuple[str, ...]:
@@ -185,9 +204,11 @@ def make_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, torch.T
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, device=device, dtype=dtype).requires_grad_(grad)
 
-    return (rand(case.batch, case.heads, case.q_len, case.head_dim),
-            rand(case.batch, case.kv_heads, case.kv_len, case.head_dim),
-            rand(case.batch, case.kv_heads, case.kv_len, case.head_dim))
+    return (
+        rand(case.batch, case.heads, case.q_len, case.head_dim),
+        rand(case.batch, case.kv_heads, case.kv_len, case.head_dim),
+        rand(case.batch, case.kv_heads, case.kv_len, case.head_dim),
+    )
 
 
 def make_forward(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], Any]:
@@ -219,9 +240,11 @@ def make_forward(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
 
 def make_step(case: Case, forward: Callable[[], Any], inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
     if case.mode == "fwd":
+
         def step() -> Any:
             with torch.no_grad():
                 return forward()
+
         return step
     d_out: list[torch.Tensor] = []
 
@@ -303,8 +326,12 @@ def check_correctness(args: argparse.Namespace) -> list[dict[str, Any]]:
             outs = {}
             for backend in ("triton", "math"):
                 result = qkv.attention(*inputs, backend=backend, **kwargs)
-                d_out = torch.randn(result[0].shape, generator=torch.Generator(device="cuda").manual_seed(1),
-                                    device="cuda", dtype=result[0].dtype)
+                d_out = torch.randn(
+                    result[0].shape,
+                    generator=torch.Generator(device="cuda").manual_seed(1),
+                    device="cuda",
+                    dtype=result[0].dtype,
+                )
                 grads = torch.autograd.grad(result[0], inputs, d_out)
                 outs[backend] = (*result, *grads)
             names = ["out", *(["weights"] if feature == "weights" else []), "lse", "dq", "dk", "dv"]
@@ -312,8 +339,11 @@ def check_correctness(args: argparse.Namespace) -> list[dict[str, Any]]:
                 finite = torch.isfinite(ref)
                 row[name] = float((got.float()[finite] - ref.float()[finite]).abs().max())
             checks.append(row)
-            print(f"check {feature:13s} D={head_dim:3d} " + " ".join(
-                f"{k}={v:.2e}" for k, v in row.items() if k not in ("feature", "head_dim")), file=sys.stderr)
+            print(
+                f"check {feature:13s} D={head_dim:3d} "
+                + " ".join(f"{k}={v:.2e}" for k, v in row.items() if k not in ("feature", "head_dim")),
+                file=sys.stderr,
+            )
     return checks
 
 
@@ -328,9 +358,18 @@ def ratios(results: list[Result]) -> list[dict[str, Any]]:
     rows = []
     for key, times in by_point.items():
         if "triton" in times:
-            rows.append({"point": dict(zip(("suite", "feature", "mode", "batch", "heads", "kv_heads", "q_len",
-                                            "kv_len", "head_dim"), key, strict=True)),
-                         "peer_over_triton": {p: t / times["triton"] for p, t in times.items() if p != "triton"}})
+            rows.append(
+                {
+                    "point": dict(
+                        zip(
+                            ("suite", "feature", "mode", "batch", "heads", "kv_heads", "q_len", "kv_len", "head_dim"),
+                            key,
+                            strict=True,
+                        )
+                    ),
+                    "peer_over_triton": {p: t / times["triton"] for p, t in times.items() if p != "triton"},
+                }
+            )
     return rows
 
 
@@ -342,15 +381,19 @@ def autotune_choices() -> dict[str, dict[str, str]]:
 
 
 def table(results: list[Result]) -> str:
-    lines = ["| suite | feature | mode | B×H/Hkv | L×S | D | peer | ms | TFLOP/s | peak MiB | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| suite | feature | mode | B×H/Hkv | L×S | D | peer | ms | TFLOP/s | peak MiB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         c = r.case
         ms = f"{r.median_ms:.3f}" if r.median_ms else r.status
         tf = f"{r.tflops:.1f}" if r.tflops else ""
         mem = f"{r.peak_mib:.0f}" if r.peak_mib is not None else ""
-        lines.append(f"| {c.suite} | {c.feature} | {c.mode} | {c.batch}×{c.heads}/{c.kv_heads} | "
-                     f"{c.q_len}×{c.kv_len} | {c.head_dim} | {c.peer} | {ms} | {tf} | {mem} | {r.note} |")
+        lines.append(
+            f"| {c.suite} | {c.feature} | {c.mode} | {c.batch}×{c.heads}/{c.kv_heads} | "
+            f"{c.q_len}×{c.kv_len} | {c.head_dim} | {c.peer} | {ms} | {tf} | {mem} | {r.note} |"
+        )
     return "\n".join(lines)
 
 
@@ -381,8 +424,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    plan = [*(speed_plan(args) if "speed" in args.suites else ()),
-            *(feature_plan(args) if "features" in args.suites else ())]
+    plan = [
+        *(speed_plan(args) if "speed" in args.suites else ()),
+        *(feature_plan(args) if "features" in args.suites else ()),
+    ]
     if args.list:
         for case in plan:
             print(json.dumps(asdict(case)))
@@ -396,8 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run_case(case, args)
         results.append(result)
         tf = f"{result.tflops:.1f} TFLOP/s" if result.tflops else result.status
-        print(f"[{i + 1}/{len(plan)}] {case.suite} {case.feature} {case.mode} N={case.kv_len} D={case.head_dim} "
-              f"{case.peer}: {tf} {result.note}", file=sys.stderr)
+        print(
+            f"[{i + 1}/{len(plan)}] {case.suite} {case.feature} {case.mode} N={case.kv_len} D={case.head_dim} "
+            f"{case.peer}: {tf} {result.note}",
+            file=sys.stderr,
+        )
     report = {
         "machine": machine_info("cuda"),
         "triton": importlib.metadata.version("triton"),

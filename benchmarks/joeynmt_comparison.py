@@ -117,9 +117,12 @@ def score_outputs(outputs: list[str], references: Path) -> dict[str, Any]:
 
     scores = score(outputs, references.read_text(encoding="utf-8").splitlines())
     return {
-        "test_bleu": scores.bleu, "test_chrf": scores.chrf, "test_exact_match": scores.exact_match,
+        "test_bleu": scores.bleu,
+        "test_chrf": scores.chrf,
+        "test_exact_match": scores.exact_match,
         "mean_output_chars": sum(map(len, outputs)) / len(outputs),
-        "bleu_signature": scores.bleu_signature, "chrf_signature": scores.chrf_signature,
+        "bleu_signature": scores.bleu_signature,
+        "chrf_signature": scores.chrf_signature,
     }
 
 
@@ -142,19 +145,38 @@ def qkv_config(args: argparse.Namespace, data: Path, model_dir: Path) -> dict[st
             "tokenizer": "char",
         },
         "model": {
-            "type": "transformer", "d_model": args.d_model, "num_heads": args.heads,
-            "encoder_layers": args.layers, "decoder_layers": args.layers, "ffn_dim": args.ffn,
-            "dropout": args.dropout, "norm_first": True, "tie_embeddings": True,
+            "type": "transformer",
+            "d_model": args.d_model,
+            "num_heads": args.heads,
+            "encoder_layers": args.layers,
+            "decoder_layers": args.layers,
+            "ffn_dim": args.ffn,
+            "dropout": args.dropout,
+            "norm_first": True,
+            "tie_embeddings": True,
         },
         "training": {
-            "seed": args.seed, "max_steps": args.steps, "max_tokens": args.max_tokens, "lr": args.lr,
-            "betas": [0.9, 0.98], "schedule": "inverse_sqrt", "warmup_steps": args.warmup, "clip_norm": 1.0,
-            "label_smoothing": 0.1, "device": args.device, "valid_every": args.steps, "valid_max_sentences": 200,
+            "seed": args.seed,
+            "max_steps": args.steps,
+            "max_tokens": args.max_tokens,
+            "lr": args.lr,
+            "betas": [0.9, 0.98],
+            "schedule": "inverse_sqrt",
+            "warmup_steps": args.warmup,
+            "clip_norm": 1.0,
+            "label_smoothing": 0.1,
+            "device": args.device,
+            "valid_every": args.steps,
+            "valid_max_sentences": 200,
             "early_stopping_metric": "loss",
         },
         "output": {
-            "dir": str(model_dir), "checkpoint_every": args.steps, "keep_last": 1, "export": "last",
-            "log_every": args.log_every, "progress_bar": False,
+            "dir": str(model_dir),
+            "checkpoint_every": args.steps,
+            "keep_last": 1,
+            "export": "last",
+            "log_every": args.log_every,
+            "progress_bar": False,
         },
     }
 
@@ -183,9 +205,20 @@ def run_qkv(args: argparse.Namespace, data: Path) -> dict[str, Any]:
     )
     decode_out, hyps = work / "decode.json", work / "test.hyps"
     status, _ = run_logged(
-        [sys.executable, __file__, "--_decode-qkv", str(model_dir), str(data / "test.src"), str(hyps),
-         str(args.beam), str(args.decode_max_tokens), args.device, str(decode_out)],
-        work / "decode.out", args.threads,
+        [
+            sys.executable,
+            __file__,
+            "--_decode-qkv",
+            str(model_dir),
+            str(data / "test.src"),
+            str(hyps),
+            str(args.beam),
+            str(args.decode_max_tokens),
+            args.device,
+            str(decode_out),
+        ],
+        work / "decode.out",
+        args.threads,
     )
     if status != 0:
         result["error"] = (work / "decode.out").read_text(encoding="utf-8")[-3000:]
@@ -214,10 +247,13 @@ def decode_qkv(argv: list[str]) -> None:
     seconds = time.perf_counter() - started
     Path(hyps).write_text("".join(r.text + "\n" for r in results), encoding="utf-8")
     Path(out).write_text(
-        json.dumps({
-            "decode_sentences": len(sources), "decode_seconds": seconds,
-            "decode_sentences_per_s": len(sources) / seconds,
-        }),
+        json.dumps(
+            {
+                "decode_sentences": len(sources),
+                "decode_seconds": seconds,
+                "decode_sentences_per_s": len(sources) / seconds,
+            }
+        ),
         encoding="utf-8",
     )
 
@@ -228,9 +264,14 @@ def decode_qkv(argv: list[str]) -> None:
 def joey_config(args: argparse.Namespace, data: Path, model_dir: Path) -> dict[str, Any]:
     side = {"level": "char", "lowercase": False, "normalize": False, "max_length": -1, "voc_min_freq": 1}
     stack = {
-        "type": "transformer", "num_layers": args.layers, "num_heads": args.heads,
+        "type": "transformer",
+        "num_layers": args.layers,
+        "num_heads": args.heads,
         "embeddings": {"embedding_dim": args.d_model, "scale": True, "dropout": args.dropout},
-        "hidden_size": args.d_model, "ff_size": args.ffn, "dropout": args.dropout, "layer_norm": "pre",
+        "hidden_size": args.d_model,
+        "ff_size": args.ffn,
+        "dropout": args.dropout,
+        "layer_norm": "pre",
     }
     return {
         "name": "qkv-comparison",
@@ -240,27 +281,55 @@ def joey_config(args: argparse.Namespace, data: Path, model_dir: Path) -> dict[s
         "fp16": False,
         "random_seed": args.seed,
         "data": {
-            "train": str(data / "train"), "dev": str(data / "valid"), "test": str(data / "test"),
+            "train": str(data / "train"),
+            "dev": str(data / "valid"),
+            "test": str(data / "test"),
             "dataset_type": "plain",
             "src": {"lang": "src", **side},
             "trg": {"lang": "tgt", **side},
         },
         "testing": {
-            "n_best": 1, "beam_size": args.beam, "beam_alpha": 1.0, "batch_size": args.decode_max_tokens,
-            "batch_type": "token", "eval_metrics": ["bleu"], "sacrebleu_cfg": {"tokenize": "13a"},
+            "n_best": 1,
+            "beam_size": args.beam,
+            "beam_alpha": 1.0,
+            "batch_size": args.decode_max_tokens,
+            "batch_type": "token",
+            "eval_metrics": ["bleu"],
+            "sacrebleu_cfg": {"tokenize": "13a"},
         },
         "training": {
-            "optimizer": "adamw", "adam_betas": [0.9, 0.98], "learning_rate": args.lr, "learning_rate_min": 1e-9,
-            "scheduling": "warmupinversesquareroot", "learning_rate_warmup": args.warmup, "weight_decay": 0.0,
-            "label_smoothing": 0.1, "loss": "crossentropy", "normalization": "tokens", "clip_grad_norm": 1.0,
-            "batch_size": args.max_tokens, "batch_type": "token", "batch_multiplier": 1,
-            "epochs": 1_000_000, "updates": args.steps, "validation_freq": args.steps,
-            "logging_freq": args.log_every, "early_stopping_metric": "loss", "keep_best_ckpts": 1,
-            "overwrite": True, "shuffle": True, "print_valid_sents": [0],
+            "optimizer": "adamw",
+            "adam_betas": [0.9, 0.98],
+            "learning_rate": args.lr,
+            "learning_rate_min": 1e-9,
+            "scheduling": "warmupinversesquareroot",
+            "learning_rate_warmup": args.warmup,
+            "weight_decay": 0.0,
+            "label_smoothing": 0.1,
+            "loss": "crossentropy",
+            "normalization": "tokens",
+            "clip_grad_norm": 1.0,
+            "batch_size": args.max_tokens,
+            "batch_type": "token",
+            "batch_multiplier": 1,
+            "epochs": 1_000_000,
+            "updates": args.steps,
+            "validation_freq": args.steps,
+            "logging_freq": args.log_every,
+            "early_stopping_metric": "loss",
+            "keep_best_ckpts": 1,
+            "overwrite": True,
+            "shuffle": True,
+            "print_valid_sents": [0],
         },
         "model": {
-            "initializer": "xavier_uniform", "bias_initializer": "zeros", "embed_initializer": "xavier_uniform",
-            "tied_embeddings": False, "tied_softmax": True, "encoder": stack, "decoder": dict(stack),
+            "initializer": "xavier_uniform",
+            "bias_initializer": "zeros",
+            "embed_initializer": "xavier_uniform",
+            "tied_embeddings": False,
+            "tied_softmax": True,
+            "encoder": stack,
+            "decoder": dict(stack),
         },
     }
 

@@ -45,7 +45,9 @@ def golden(model_dir: Path) -> dict[str, torch.Tensor]:
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     with torch.no_grad():
         out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=True,
             output_attentions=True,
         )
     mask = batch["attention_mask"]

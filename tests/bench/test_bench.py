@@ -77,8 +77,12 @@ def test_naive_equals_math(feature: str) -> None:
 
 @pytest.mark.parametrize(
     "features",
-    [{"window": (5, 2)}, {"window": (-1, 3)}, {"window": (4, -1), "causal": True},
-     {"alibi_slopes": torch.tensor([0.5, 0.25, 0.125, 0.0625]), "causal": True, "softcap": 5.0}],
+    [
+        {"window": (5, 2)},
+        {"window": (-1, 3)},
+        {"window": (4, -1), "causal": True},
+        {"alibi_slopes": torch.tensor([0.5, 0.25, 0.125, 0.0625]), "causal": True, "softcap": 5.0},
+    ],
     ids=["window", "window-right", "window-causal", "alibi-causal-softcap"],
 )
 def test_naive_equals_math_on_combinations(features: dict) -> None:
@@ -92,8 +96,24 @@ def test_naive_equals_math_on_combinations(features: dict) -> None:
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, dict, str, object]:
     """``qkv bench --quick`` at tiny sizes, memory measured as --quick does (first case, largest length)."""
     out = tmp_path_factory.mktemp("bench")
-    argv = ["bench", "--quick", "--lengths", "32", "64", "--head-dims", "16", "--heads", "2",
-            "--repeats", "1", "--threads", "1", "--out", str(out), "--no-progress"]
+    argv = [
+        "bench",
+        "--quick",
+        "--lengths",
+        "32",
+        "64",
+        "--head-dims",
+        "16",
+        "--heads",
+        "2",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         status = main(argv)
@@ -187,8 +207,13 @@ def test_quick_writes_png_plots(quick_run) -> None:
 
 def test_a_case_over_the_memory_limit_is_skipped_with_its_estimate() -> None:
     config = BenchConfig(
-        lengths=(32,), head_dims=(8,), features=("plain", "softcap"), modes=("fwd",),
-        backends=("math", "tiled", "torch", "naive"), repeats=1, memory_limit=1000,
+        lengths=(32,),
+        head_dims=(8,),
+        features=("plain", "softcap"),
+        modes=("fwd",),
+        backends=("math", "tiled", "torch", "naive"),
+        repeats=1,
+        memory_limit=1000,
     )
     results = run_bench(config, progress=False)
     by = {(r.case.feature, r.backend): r for r in results}
@@ -214,8 +239,13 @@ def test_memory_estimates_separate_dense_from_tiled() -> None:
 
 def test_unsupported_backends_are_na_not_errors() -> None:
     config = BenchConfig(
-        lengths=(16,), head_dims=(8,), features=("weights", "key_lengths", "alibi", "window"),
-        modes=("fwd",), backends=("torch", "sdpa", "naive"), repeats=1, memory=False,
+        lengths=(16,),
+        head_dims=(8,),
+        features=("weights", "key_lengths", "alibi", "window"),
+        modes=("fwd",),
+        backends=("torch", "sdpa", "naive"),
+        repeats=1,
+        memory=False,
     )
     by = {(r.case.feature, r.backend): r for r in run_bench(config, progress=False)}
     assert by[("weights", "torch")].status == "n/a" and "weights" in by[("weights", "torch")].reason

@@ -22,8 +22,30 @@ def load_script():
 
 def test_qkv_side_trains_decodes_and_scores(tmp_path: Path) -> None:
     script = load_script()
-    tiny = ["--size", "120", "--steps", "4", "--log-every", "2", "--warmup", "2", "--d-model", "16", "--heads", "2",
-            "--layers", "1", "--ffn", "32", "--max-tokens", "512", "--threads", "1", "--workdir", str(tmp_path)]
+    tiny = [
+        "--size",
+        "120",
+        "--steps",
+        "4",
+        "--log-every",
+        "2",
+        "--warmup",
+        "2",
+        "--d-model",
+        "16",
+        "--heads",
+        "2",
+        "--layers",
+        "1",
+        "--ffn",
+        "32",
+        "--max-tokens",
+        "512",
+        "--threads",
+        "1",
+        "--workdir",
+        str(tmp_path),
+    ]
     assert script.main([*tiny, "--skip-joeynmt"]) == 0
     result = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["qkv"]
     outputs = (tmp_path / "qkv" / "test.hyps").read_text(encoding="utf-8").splitlines()

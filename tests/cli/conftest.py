@@ -18,11 +18,20 @@ TINY_TRAIN = {
     "data": {"corpus": "copy", "size": 200, "seed": 1, "tokenizer": "char", "shared_vocab": False},
     "model": {"d_model": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ffn_dim": 32},
     "training": {
-        "max_steps": 30, "max_tokens": 160, "lr": 3e-3, "warmup_steps": 5, "valid_every": 15,
-        "valid_max_sentences": 10, "early_stopping_metric": "chrf",
+        "max_steps": 30,
+        "max_tokens": 160,
+        "lr": 3e-3,
+        "warmup_steps": 5,
+        "valid_every": 15,
+        "valid_max_sentences": 10,
+        "early_stopping_metric": "chrf",
     },
     "output": {
-        "checkpoint_every": 10, "keep_last": 2, "average_last": 2, "export": "averaged", "log_every": 10,
+        "checkpoint_every": 10,
+        "keep_last": 2,
+        "average_last": 2,
+        "export": "averaged",
+        "log_every": 10,
         "progress_bar": False,
     },
 }

@@ -9,9 +9,20 @@ import pytest
 from qkv.cli import main
 
 TINY = [
-    "--set", "data.size=300", "--set", "training.max_steps=8", "--set", "training.valid_every=8",
-    "--set", "training.valid_max_sentences=10", "--set", "output.checkpoint_every=8",
-    "--set", "model.encoder_layers=1", "--set", "model.decoder_layers=1",
+    "--set",
+    "data.size=300",
+    "--set",
+    "training.max_steps=8",
+    "--set",
+    "training.valid_every=8",
+    "--set",
+    "training.valid_max_sentences=10",
+    "--set",
+    "output.checkpoint_every=8",
+    "--set",
+    "model.encoder_layers=1",
+    "--set",
+    "model.decoder_layers=1",
 ]
 
 
@@ -45,5 +56,7 @@ def test_demo_interrupted_is_one_line_saying_how_to_continue(
     monkeypatch.setattr(trainer, "train", interrupted)
     assert main(["demo", "--out", str(tmp_path / "d"), *TINY]) == 130
     err = capsys.readouterr().err
-    assert err == f"qkv demo: error: interrupted at step 5; --resume continues from step_00000004 (step 4) " \
-                  f"(qkv demo --out {tmp_path / 'd'} continues)\n"
+    assert (
+        err == f"qkv demo: error: interrupted at step 5; --resume continues from step_00000004 (step 4) "
+        f"(qkv demo --out {tmp_path / 'd'} continues)\n"
+    )

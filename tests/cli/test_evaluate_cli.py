@@ -33,8 +33,9 @@ def no_translating(monkeypatch):
 def test_hyp_path_is_checked_before_translating(trained_model, test_set, tmp_path, capsys, no_translating):
     hyp = tmp_path / "missing" / "test.hyp"
     src, ref = test_set
-    assert main(["evaluate", "--model", str(trained_model.directory), "--src", src, "--ref", ref,
-                 "--hyp", str(hyp)]) == 2
+    assert (
+        main(["evaluate", "--model", str(trained_model.directory), "--src", src, "--ref", ref, "--hyp", str(hyp)]) == 2
+    )
     assert capsys.readouterr().err == (
         f"qkv evaluate: error: --hyp {hyp}: the directory {hyp.parent} does not exist; create it first\n"
     )
@@ -77,7 +78,20 @@ def test_hyp_holds_the_finished_chunks_when_stopped(trained_model, test_set, tmp
     hyp = tmp_path / "test.hyp"
     src, ref = test_set
     with pytest.raises(KeyboardInterrupt):
-        main(["evaluate", "--model", str(trained_model.directory), "--src", src, "--ref", ref, "--beam", "1",
-              "--hyp", str(hyp)])
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(trained_model.directory),
+                "--src",
+                src,
+                "--ref",
+                ref,
+                "--beam",
+                "1",
+                "--hyp",
+                str(hyp),
+            ]
+        )
     expected = [t.text for t in real(Translator.load(trained_model.directory), SOURCES[:2], beam=1)]
     assert hyp.read_text(encoding="utf-8").splitlines() == expected

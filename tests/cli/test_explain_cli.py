@@ -97,9 +97,7 @@ def test_json_output_matches_numpy(capsys, causal):
 
 def test_file_input(capsys, tmp_path):
     path = tmp_path / "example.json"
-    path.write_text(
-        json.dumps({"q": Q, "k": K, "v": V, "tokens": ["I", "am"], "key_tokens": ["x", "y", "z"]})
-    )
+    path.write_text(json.dumps({"q": Q, "k": K, "v": V, "tokens": ["I", "am"], "key_tokens": ["x", "y", "z"]}))
     status, out, _ = run(capsys, "--file", str(path), "--json")
     assert status == 0
     data = json.loads(out)

@@ -34,7 +34,21 @@ require("tokenizers")
 
 TEXT = "The animal didn't cross the street because it was too tired."
 TOKENS = [
-    "[CLS]", "the", "animal", "didn", "'", "t", "cross", "the", "street", "because", "it", "was", "too", "tired", ".",
+    "[CLS]",
+    "the",
+    "animal",
+    "didn",
+    "'",
+    "t",
+    "cross",
+    "the",
+    "street",
+    "because",
+    "it",
+    "was",
+    "too",
+    "tired",
+    ".",
     "[SEP]",
 ]
 pytestmark = pytest.mark.usefixtures("one_thread")

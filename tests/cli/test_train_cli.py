@@ -21,8 +21,17 @@ def test_train_writes_a_model_directory(trained_model):
     assert trained_model.status == 0
     assert "done at step 30" in trained_model.stdout
     d = trained_model.directory
-    for name in ("model.safetensors", "config.json", "src_tokenizer.json", "tgt_tokenizer.json", "train_config.yaml",
-                 "train.log", "metrics.jsonl", "data/train.src", "data/test.tgt"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "src_tokenizer.json",
+        "tgt_tokenizer.json",
+        "train_config.yaml",
+        "train.log",
+        "metrics.jsonl",
+        "data/train.src",
+        "data/test.tgt",
+    ):
         assert (d / name).is_file(), name
     assert [s for s, _ in step_checkpoints(d / "checkpoints")] == [20, 30]
     assert (d / "checkpoints" / BEST_FILE).is_file()
@@ -52,8 +61,10 @@ def test_translate_and_evaluate_the_test_split(trained_model, capsys):
     assert len(capsys.readouterr().out.splitlines()) == n
 
     hyp = d / "test.hyp"
-    assert main(["evaluate", "--model", str(d), "--src", str(src), "--ref", str(ref), "--beam", "2",
-                 "--hyp", str(hyp)]) == 0
+    assert (
+        main(["evaluate", "--model", str(d), "--src", str(src), "--ref", str(ref), "--beam", "2", "--hyp", str(hyp)])
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     assert re.fullmatch(rf"BLEU\|{SIGNATURE} = [\d.]+ .*", out[0]), out[0]
     assert re.fullmatch(r"chrF2\|nrefs:1\|case:mixed\|eff:yes\|nc:6\|nw:0\|space:no\|version:[\d.]+ = [\d.]+", out[1])

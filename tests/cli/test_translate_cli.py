@@ -36,8 +36,22 @@ def test_file_input_keeps_input_order(trained_model, tmp_path, capsys):
     assert batched == alone
 
     out = tmp_path / "out.txt"
-    assert main(["translate", "--model", str(trained_model.directory), "--input", str(path), "--beam", "1",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "translate",
+                "--model",
+                str(trained_model.directory),
+                "--input",
+                str(path),
+                "--beam",
+                "1",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.read_text(encoding="utf-8").splitlines() == alone and capsys.readouterr().out == ""
 
 
@@ -111,14 +125,17 @@ def no_translating(monkeypatch):
 
 
 @pytest.mark.parametrize("option", ["--output", "--attention"])
-def test_output_paths_are_checked_before_translating(trained_model, tmp_path, monkeypatch, capsys, no_translating,
-                                                     option):
+def test_output_paths_are_checked_before_translating(
+    trained_model, tmp_path, monkeypatch, capsys, no_translating, option
+):
     monkeypatch.setattr(sys, "stdin", io.StringIO("a b\n"))
     target = tmp_path / "missing" / "dir" / "x.png"
     assert main(["translate", "--model", str(trained_model.directory), option, str(target)]) == 2
     err = capsys.readouterr().err
-    assert err == f"qkv translate: error: {option} {target}: the directory {target.parent} does not exist; " \
+    assert (
+        err == f"qkv translate: error: {option} {target}: the directory {target.parent} does not exist; "
         "create it first\n"
+    )
 
 
 ALPHA_RANGE = "--length-penalty must be a number in [0, 10] (GNMT alpha); got"
@@ -170,8 +187,17 @@ def test_learned_positions_cap_the_output_length():
     from qkv.models.transformer import TransformerSeq2Seq
     from qkv.train.translate import output_length_cap
 
-    config = TransformerConfig(8, 8, d_model=8, num_heads=2, encoder_layers=1, decoder_layers=1, ffn_dim=8,
-                               positional="learned", max_positions=40)
+    config = TransformerConfig(
+        8,
+        8,
+        d_model=8,
+        num_heads=2,
+        encoder_layers=1,
+        decoder_layers=1,
+        ffn_dim=8,
+        positional="learned",
+        max_positions=40,
+    )
     model = TransformerSeq2Seq(config)
     assert output_length_cap(model) == 40 and output_length_cap(model, 30) == 30
     with pytest.raises(ValueError, match="--max-output-length 41 exceeds the model's 40 learned positions"):
@@ -195,8 +221,19 @@ def test_finished_chunks_are_written_before_the_rest_is_translated(trained_model
     path, out = tmp_path / "in.txt", tmp_path / "out.txt"
     path.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
     with pytest.raises(KeyboardInterrupt):
-        main(["translate", "--model", str(trained_model.directory), "--input", str(path), "--beam", "1",
-              "--output", str(out)])
+        main(
+            [
+                "translate",
+                "--model",
+                str(trained_model.directory),
+                "--input",
+                str(path),
+                "--beam",
+                "1",
+                "--output",
+                str(out),
+            ]
+        )
     assert calls[0] == SENTENCES[:2]
     expected = [t.text for t in real(Translator.load(trained_model.directory), SENTENCES[:2], beam=1)]
     assert out.read_text(encoding="utf-8").splitlines() == expected

@@ -85,4 +85,3 @@ def test_errors_are_one_line_with_status_2(capsys, tmp_path, argv, message):
     assert status == 2 and out == ""
     assert err.startswith("qkv data: error: ") and err.count("\n") == 1
     assert message.format(tmp=tmp_path) in err
-

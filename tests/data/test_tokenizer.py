@@ -143,8 +143,9 @@ def test_load_errors_name_the_file(tmp_path, spm_unigram):
     (tmp_path / "bad.json").write_text('{"type": "bpe-magic", "format": 1}', encoding="utf-8")
     with pytest.raises(DataError, match=r"bad.json: expected a \"type\" of char, word, sentencepiece; got 'bpe-magic'"):
         load_tokenizer(tmp_path / "bad.json")
-    (tmp_path / "two.json").write_text('{"type": "char", "format": 1, "tokens": '
-                                       '["<pad>", "<s>", "</s>", "<unk>", "ab"]}', encoding="utf-8")
+    (tmp_path / "two.json").write_text(
+        '{"type": "char", "format": 1, "tokens": ["<pad>", "<s>", "</s>", "<unk>", "ab"]}', encoding="utf-8"
+    )
     with pytest.raises(DataError, match=r"two.json: 'ab' is not one char unit"):
         load_tokenizer(tmp_path / "two.json")
     sp_json = spm_unigram.save(tmp_path / "sp")

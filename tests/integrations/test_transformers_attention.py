@@ -100,8 +100,13 @@ def test_padding_does_not_change_the_short_sentence(models, batch) -> None:
 def test_tiny_llama_with_gqa_and_causal_masks_equals_eager() -> None:
     register()
     config = LlamaConfig(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     eager = LlamaModel._from_config(config, attn_implementation="eager").eval()

@@ -35,12 +35,22 @@ def no_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 SEQ2SEQ = {
-    "src_vocab_size": 11, "tgt_vocab_size": 11, "d_model": 16, "num_heads": 4, "encoder_layers": 1,
-    "decoder_layers": 2, "ffn_dim": 24, "dropout": 0.0,
+    "src_vocab_size": 11,
+    "tgt_vocab_size": 11,
+    "d_model": 16,
+    "num_heads": 4,
+    "encoder_layers": 1,
+    "decoder_layers": 2,
+    "ffn_dim": 24,
+    "dropout": 0.0,
 }
 LM = {"vocab_size": 13, "d_model": 16, "num_heads": 4, "num_layers": 2, "ffn_dim": 24, "dropout": 0.0}
 ENCODER = {
-    "vocab_size": 13, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 24,
+    "vocab_size": 13,
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 24,
 }
 
 
@@ -234,8 +244,11 @@ def test_weights_written_without_digests_still_load(tmp_path: Path) -> None:
 def test_a_config_far_bigger_than_its_weights_is_refused_before_allocating(tmp_path: Path) -> None:
     save_model(TransformerLM(LMConfig(**LM)), tmp_path)
     edit_config(tmp_path, d_model=1_048_576, ffn_dim=1_048_576)  # ~4 TB of float32 parameters
-    with pytest.raises(ValueError, match=r"shape mismatches: embed_tokens\.weight: checkpoint \(13, 16\), "
-                                         r"model \(13, 1048576\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape mismatches: embed_tokens\.weight: checkpoint \(13, 16\), "
+        r"model \(13, 1048576\)",
+    ):
         load_model(tmp_path)
     edit_config(tmp_path, d_model=16, ffn_dim=24, num_layers=10**9)
     with pytest.raises(ValueError, match=r"num_layers is 1000000000 but .*model\.safetensors holds only \d+ tensors"):

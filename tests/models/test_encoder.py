@@ -15,8 +15,13 @@ TOL = {"rtol": 1e-10, "atol": 1e-10}
 
 def make_encoder(**overrides: object) -> TransformerEncoder:
     args: dict[str, object] = {
-        "vocab_size": 20, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 32, "max_position_embeddings": 12, "hidden_dropout_prob": 0.0,
+        "vocab_size": 20,
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 32,
+        "max_position_embeddings": 12,
+        "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
     }
     args.update(overrides)
@@ -90,16 +95,24 @@ def test_parameter_names_map_to_bert() -> None:
     model = make_encoder()
     names = set(model.state_dict())
     for name in (
-        "embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
-        "embeddings.token_type_embeddings.weight", "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias",
+        "embeddings.word_embeddings.weight",
+        "embeddings.position_embeddings.weight",
+        "embeddings.token_type_embeddings.weight",
+        "embeddings.LayerNorm.weight",
+        "embeddings.LayerNorm.bias",
     ):
         assert name in names
     bert = qkv_to_bert_state_dict(model.state_dict())
     assert len(bert) == len(names)
     for suffix in (
-        "attention.self.query.weight", "attention.self.key.bias", "attention.self.value.weight",
-        "attention.output.dense.weight", "attention.output.LayerNorm.weight", "intermediate.dense.weight",
-        "output.dense.bias", "output.LayerNorm.bias",
+        "attention.self.query.weight",
+        "attention.self.key.bias",
+        "attention.self.value.weight",
+        "attention.output.dense.weight",
+        "attention.output.LayerNorm.weight",
+        "intermediate.dense.weight",
+        "output.dense.bias",
+        "output.LayerNorm.bias",
     ):
         assert f"encoder.layer.1.{suffix}" in bert
     assert bert["encoder.layer.0.intermediate.dense.weight"].shape == (32, 16)  # BERT's (out, in) layout
@@ -135,8 +148,14 @@ def test_learns_to_reverse() -> None:
     x = torch.randint(1, 12, (32, 6), generator=torch.Generator().manual_seed(0))
     model = TransformerEncoder(
         EncoderConfig(
-            vocab_size=12, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=8,
+            vocab_size=12,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            max_position_embeddings=8,
         )
     )
     head = torch.nn.Linear(32, 12)

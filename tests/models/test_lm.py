@@ -14,7 +14,12 @@ TOL = {"rtol": 1e-10, "atol": 1e-10}
 
 def make_lm(**overrides: object) -> TransformerLM:
     args: dict[str, object] = {
-        "vocab_size": 12, "d_model": 16, "num_heads": 4, "num_layers": 2, "ffn_dim": 32, "dropout": 0.0,
+        "vocab_size": 12,
+        "d_model": 16,
+        "num_heads": 4,
+        "num_layers": 2,
+        "ffn_dim": 32,
+        "dropout": 0.0,
         "max_positions": 16,
     }
     args.update(overrides)

@@ -30,7 +30,13 @@ def make_model(
     """A float64 model in eval mode with weights large enough for sharp, position-dependent attention."""
     torch.manual_seed(seed)
     config = RNNConfig(
-        VOCAB, VOCAB + 1, embed_dim=6, hidden_dim=8, layers=layers, cell=cell, attention=attention,
+        VOCAB,
+        VOCAB + 1,
+        embed_dim=6,
+        hidden_dim=8,
+        layers=layers,
+        cell=cell,
+        attention=attention,
         input_feeding=input_feeding,
     )
     model = RNNSeq2Seq(config).double().eval()

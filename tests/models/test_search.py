@@ -336,8 +336,15 @@ def test_search_works_on_the_transformer() -> None:
     of the KV-cached Transformer aligned with teacher forcing, and beam 1 equals greedy."""
     torch.manual_seed(0)
     config = TransformerConfig(
-        src_vocab_size=10, tgt_vocab_size=9, d_model=16, num_heads=2, encoder_layers=2, decoder_layers=2,
-        ffn_dim=32, dropout=0.0, tie_embeddings=False,
+        src_vocab_size=10,
+        tgt_vocab_size=9,
+        d_model=16,
+        num_heads=2,
+        encoder_layers=2,
+        decoder_layers=2,
+        ffn_dim=32,
+        dropout=0.0,
+        tie_embeddings=False,
     )
     model = TransformerSeq2Seq(config).double().eval()
     with torch.no_grad():

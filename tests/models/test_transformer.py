@@ -16,8 +16,15 @@ PAD, BOS, EOS = 0, 1, 2
 
 def make_model(**overrides: object) -> TransformerSeq2Seq:
     args: dict[str, object] = {
-        "src_vocab_size": 13, "tgt_vocab_size": 11, "d_model": 16, "num_heads": 4, "encoder_layers": 2,
-        "decoder_layers": 2, "ffn_dim": 32, "dropout": 0.0, "max_positions": 16,
+        "src_vocab_size": 13,
+        "tgt_vocab_size": 11,
+        "d_model": 16,
+        "num_heads": 4,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "ffn_dim": 32,
+        "dropout": 0.0,
+        "max_positions": 16,
     }
     args.update(overrides)
     torch.manual_seed(0)
@@ -195,7 +202,12 @@ def greedy_decode(model: TransformerSeq2Seq, src: torch.Tensor, src_lengths: tor
 def test_learns_to_reverse(positional: str, norm_first: bool, kv_heads: int) -> None:
     src, src_lengths, tgt = reverse_task(32, 6, 12, seed=0)
     model = make_model(
-        src_vocab_size=12, tgt_vocab_size=12, d_model=32, ffn_dim=64, positional=positional, norm_first=norm_first,
+        src_vocab_size=12,
+        tgt_vocab_size=12,
+        d_model=32,
+        ffn_dim=64,
+        positional=positional,
+        norm_first=norm_first,
         kv_heads=kv_heads,
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -92,8 +92,12 @@ def test_decoder_layer_cached_steps_equal_the_full_call(norm_first: bool, kv_hea
     self_cache, cross_cache = KVCache(), KVCache(static=True)
     for t in range(5):
         out, sw, cw = layer(
-            x[:, t : t + 1], memory if t == 0 else None, memory_lengths=lengths, self_cache=self_cache,
-            cross_cache=cross_cache, need_weights=True,
+            x[:, t : t + 1],
+            memory if t == 0 else None,
+            memory_lengths=lengths,
+            self_cache=self_cache,
+            cross_cache=cross_cache,
+            need_weights=True,
         )
         torch.testing.assert_close(out[:, 0], full[:, t], **TOL)
         torch.testing.assert_close(sw, full_self[:, :, t : t + 1, : t + 1], **TOL)

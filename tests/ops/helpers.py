@@ -194,9 +194,7 @@ def expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // t.shape[-3], dim=-3)
 
 
-def grads(
-    outputs: torch.Tensor, inputs: tuple[torch.Tensor, ...], seed: int = 123
-) -> tuple[torch.Tensor, ...]:
+def grads(outputs: torch.Tensor, inputs: tuple[torch.Tensor, ...], seed: int = 123) -> tuple[torch.Tensor, ...]:
     """Gradients of ``<outputs, G>`` for a fixed random ``G`` (zeros where an input gets none)."""
     upstream = torch.randn(outputs.shape, generator=make_gen(seed), dtype=torch.float64).to(outputs.dtype)
     got = torch.autograd.grad(outputs, inputs, upstream, allow_unused=True, retain_graph=True)
@@ -229,8 +227,16 @@ class Call:
         self, dtype: torch.dtype = torch.float64, *, seed: int = 0, requires_grad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return make_qkv(
-            self.batch, self.heads, self.kv_heads, self.q_len, self.kv_len, self.head_dim, self.value_dim,
-            dtype=dtype, seed=seed, requires_grad=requires_grad,
+            self.batch,
+            self.heads,
+            self.kv_heads,
+            self.q_len,
+            self.kv_len,
+            self.head_dim,
+            self.value_dim,
+            dtype=dtype,
+            seed=seed,
+            requires_grad=requires_grad,
         )
 
     def kwargs(self, dtype: torch.dtype = torch.float64) -> dict[str, Any]:
@@ -252,8 +258,7 @@ def _everything(c: Call, causal: bool | str = True) -> dict[str, Any]:
         "window": (3, 1),
         "alibi_slopes": rand_slopes((*c.batch, c.heads), seed=12),
         "softcap": 2.5,
-        "mask": rand_float_mask((*c.batch[:1], *[1] * (len(c.batch) - 1), 1, c.q_len, c.kv_len), 13,
-                                neg_inf=0.1),
+        "mask": rand_float_mask((*c.batch[:1], *[1] * (len(c.batch) - 1), 1, c.q_len, c.kv_len), 13, neg_inf=0.1),
         "scale": 0.6,
     }
 
@@ -269,8 +274,10 @@ REFERENCE_CASES = [
     Call("negative_scale_causal", q_len=7, kv_len=7, features=lambda c: {"scale": -1.3, "causal": True}),
     Call("zero_scale_top_left", features=lambda c: {"scale": 0.0, "causal": "top_left"}),
     Call("tiny_scale_top_left", features=lambda c: {"scale": 1e-9, "causal": "top_left"}),
-    Call("negative_scale_masks", features=lambda c: {
-        "scale": -0.8, "key_lengths": torch.tensor([3, 7]), "window": (2, 1)}),
+    Call(
+        "negative_scale_masks",
+        features=lambda c: {"scale": -0.8, "key_lengths": torch.tensor([3, 7]), "window": (2, 1)},
+    ),
     Call("key_lengths", features=lambda c: {"key_lengths": torch.tensor([0, 4])}),
     Call("key_lengths_full", features=lambda c: {"key_lengths": torch.tensor([7, 1])}),
     Call("causal_L<S", features=lambda c: {"causal": True}),
@@ -285,26 +292,43 @@ REFERENCE_CASES = [
     Call("window_unbounded_both", features=lambda c: {"window": (-1, -1)}),
     Call("window_0_0", q_len=7, kv_len=5, features=lambda c: {"window": (0, 0)}),
     Call("window_causal", features=lambda c: {"window": (3, 2), "causal": True}),
-    Call("window_causal_right_unbounded_L>S", q_len=7, kv_len=5,
-         features=lambda c: {"window": (2, -1), "causal": True}),
+    Call(
+        "window_causal_right_unbounded_L>S", q_len=7, kv_len=5, features=lambda c: {"window": (2, -1), "causal": True}
+    ),
     Call("window_top_left", features=lambda c: {"window": (1, 2), "causal": "top_left"}),
     Call("alibi_H", features=lambda c: {"alibi_slopes": rand_slopes((c.heads,), 5)}),
     Call("alibi_BH", features=lambda c: {"alibi_slopes": rand_slopes((*c.batch, c.heads), 5)}),
-    Call("alibi_top_left",
-         features=lambda c: {"alibi_slopes": rand_slopes((c.heads,), 6), "causal": "top_left"}),
-    Call("alibi_causal_L>S", q_len=7, kv_len=4,
-         features=lambda c: {"alibi_slopes": rand_slopes((c.heads,), 6), "causal": True}),
+    Call("alibi_top_left", features=lambda c: {"alibi_slopes": rand_slopes((c.heads,), 6), "causal": "top_left"}),
+    Call(
+        "alibi_causal_L>S",
+        q_len=7,
+        kv_len=4,
+        features=lambda c: {"alibi_slopes": rand_slopes((c.heads,), 6), "causal": True},
+    ),
     Call("softcap", features=lambda c: {"softcap": 0.5}),
-    Call("softcap_alibi_float_mask", features=lambda c: {
-        "softcap": 1.5, "alibi_slopes": rand_slopes((c.heads,), 7),
-        "mask": rand_float_mask(c.score_shape, 8)}),
+    Call(
+        "softcap_alibi_float_mask",
+        features=lambda c: {
+            "softcap": 1.5,
+            "alibi_slopes": rand_slopes((c.heads,), 7),
+            "mask": rand_float_mask(c.score_shape, 8),
+        },
+    ),
     Call("bool_mask", features=lambda c: {"mask": rand_bool_mask((*c.batch, 1, c.q_len, c.kv_len), 9, 0.5)}),
     Call("float_mask_neg_inf", features=lambda c: {"mask": rand_float_mask(c.score_shape, 10, neg_inf=0.4)}),
-    Call("float32_mask_LS", features=lambda c: {
-        "mask": rand_float_mask((c.q_len, c.kv_len), 10, torch.float32, neg_inf=0.2)}),
+    Call(
+        "float32_mask_LS",
+        features=lambda c: {"mask": rand_float_mask((c.q_len, c.kv_len), 10, torch.float32, neg_inf=0.2)},
+    ),
     Call("everything", heads=6, kv_heads=2, features=_everything),
-    Call("everything_top_left_bool", heads=6, kv_heads=3, q_len=8, kv_len=5, features=lambda c: {
-        **_everything(c, "top_left"), "mask": rand_bool_mask((c.heads, 1, c.kv_len), 14)}),
+    Call(
+        "everything_top_left_bool",
+        heads=6,
+        kv_heads=3,
+        q_len=8,
+        kv_len=5,
+        features=lambda c: {**_everything(c, "top_left"), "mask": rand_bool_mask((c.heads, 1, c.kv_len), 14)},
+    ),
     Call("everything_L>S", heads=4, kv_heads=1, q_len=9, kv_len=6, features=_everything),
     Call("everything_3d", batch=(), features=_everything),
     Call("everything_5d", batch=(2, 2), features=_everything),

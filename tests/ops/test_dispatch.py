@@ -34,8 +34,7 @@ NOT_SDPA_CALLS: dict[str, tuple[dict[str, Any], str]] = {
     "lse": ({"return_lse": True}, r"log-sum-exp"),
     "softcap": ({"softcap": 20.0}, r"soft-capping"),
     "generator": ({"dropout": 0.1, "generator": make_gen(0)}, r"Generator"),
-    "softcap_with_masks": (
-        {"softcap": 5.0, "causal": True, "key_lengths": torch.tensor([2, 7])}, r"soft-capping"),
+    "softcap_with_masks": ({"softcap": 5.0, "causal": True, "key_lengths": torch.tensor([2, 7])}, r"soft-capping"),
 }
 
 # Calls whose auto routing is a performance choice (the dispatch policy may send them anywhere that is
@@ -46,8 +45,7 @@ OTHER_CALLS: dict[str, dict[str, Any]] = {
     "alibi": {"alibi_slopes": torch.ones(4)},
     "bottom_right_L<S": {"causal": True},
     "dropout_global_rng": {"dropout": 0.1},
-    "learned_bias_softcap": {
-        "mask": torch.zeros(5, 7, dtype=torch.float64, requires_grad=True), "softcap": 2.0},
+    "learned_bias_softcap": {"mask": torch.zeros(5, 7, dtype=torch.float64, requires_grad=True), "softcap": 2.0},
 }
 
 
@@ -104,9 +102,7 @@ BACKEND_FUNCTIONS = {"sdpa_attention": "torch", "math_attention": "math", "tiled
 
 
 @pytest.mark.parametrize("kwargs", ALL_CALLS.values(), ids=ALL_CALLS.keys())
-def test_attention_runs_the_backend_it_explains(
-    kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_attention_runs_the_backend_it_explains(kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     ran: list[str] = []
     for name, backend in BACKEND_FUNCTIONS.items():
         if not hasattr(attention_module, name):

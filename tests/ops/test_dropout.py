@@ -77,9 +77,7 @@ def test_weights_with_dropout(backend: str) -> None:
 @pytest.mark.parametrize("backend", EVERY_CALL_BACKENDS)
 def test_fraction_dropped_is_p(backend: str, p: float) -> None:
     q, k, v = make_qkv(batch=(4,), heads=4, kv_heads=4, q_len=64, kv_len=64, head_dim=4, value_dim=1)
-    _, weights = qkv.attention(
-        q, k, v, dropout=p, generator=make_gen(2), return_weights=True, backend=backend
-    )
+    _, weights = qkv.attention(q, k, v, dropout=p, generator=make_gen(2), return_weights=True, backend=backend)
     n = weights.numel()
     fraction = (weights == 0).double().mean().item()
     assert abs(fraction - p) < 5 * (p * (1 - p) / n) ** 0.5 + 1e-9, (fraction, p)

@@ -44,18 +44,17 @@ def _features(name: str, dtype: torch.dtype) -> dict[str, Any]:
     return {
         "plain": {},
         "causal_key_lengths": {"causal": True, "key_lengths": torch.tensor([20, 48])},
-        "alibi_mask": {"alibi_slopes": rand_slopes((4,), 1),
-                       "mask": rand_float_mask(score_shape, 2).to(dtype)},
-        "float32_mask_top_left": {"mask": rand_float_mask((32, 48), 3, torch.float32, neg_inf=0.1),
-                                  "causal": "top_left"},
+        "alibi_mask": {"alibi_slopes": rand_slopes((4,), 1), "mask": rand_float_mask(score_shape, 2).to(dtype)},
+        "float32_mask_top_left": {
+            "mask": rand_float_mask((32, 48), 3, torch.float32, neg_inf=0.1),
+            "causal": "top_left",
+        },
         "window_bool_mask": {"window": (8, 2), "mask": rand_bool_mask(score_shape, 4, 0.8)},
         "softcap": {"softcap": 1.0, "causal": True},
     }[name]
 
 
-FEATURES = [
-    "plain", "causal_key_lengths", "alibi_mask", "float32_mask_top_left", "window_bool_mask", "softcap"
-]
+FEATURES = ["plain", "causal_key_lengths", "alibi_mask", "float32_mask_top_left", "window_bool_mask", "softcap"]
 BACKEND_FEATURES = [(b, f) for b in EVERY_CALL_BACKENDS for f in FEATURES] + [
     ("torch", f) for f in FEATURES if f != "softcap"
 ]
@@ -88,9 +87,7 @@ def test_low_precision_against_float64(backend: str, features: str, dtype: torch
 def test_returned_dtypes(backend: str, dtype: torch.dtype) -> None:
     """out and weights in q's dtype; lse float32, float64 for float64 inputs (it is compared with scores)."""
     q, k, v = make_qkv(**SIZES, dtype=dtype)
-    out, weights, lse = qkv.attention(
-        q, k, v, causal=True, return_weights=True, return_lse=True, backend=backend
-    )
+    out, weights, lse = qkv.attention(q, k, v, causal=True, return_weights=True, return_lse=True, backend=backend)
     assert out.dtype == dtype and weights.dtype == dtype
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert out.shape == (2, 4, 32, 16) and weights.shape == (2, 4, 32, 48) and lse.shape == (2, 4, 32)

@@ -93,9 +93,15 @@ def _call(
     """``qkv.attention`` on the case: ``(out, weights or None, lse or None)``."""
     weights = case.return_weights if return_weights is None else return_weights
     result = qkv.attention(
-        inputs.q, inputs.k, inputs.v, **inputs.kwargs, dropout=case.dropout,
+        inputs.q,
+        inputs.k,
+        inputs.v,
+        **inputs.kwargs,
+        dropout=case.dropout,
         generator=make_gen(case.seed) if case.dropout > 0 else None,
-        return_weights=weights, return_lse=case.return_lse, backend=backend,
+        return_weights=weights,
+        return_lse=case.return_lse,
+        backend=backend,
     )
     if isinstance(result, torch.Tensor):
         return result, None, None
@@ -105,14 +111,22 @@ def _call(
 
 def _differentiated(case: FuzzCase, inputs: FuzzInputs) -> tuple[torch.Tensor, ...]:
     """The tensors whose gradients are compared: q, k, v, then the float mask and slopes if they require grad."""
-    extras = tuple(inputs.kwargs[name] for name, flag in (
-        ("mask", case.mask_requires_grad), ("alibi_slopes", case.slopes_requires_grad)) if flag)
+    extras = tuple(
+        inputs.kwargs[name]
+        for name, flag in (("mask", case.mask_requires_grad), ("alibi_slopes", case.slopes_requires_grad))
+        if flag
+    )
     return (inputs.q, inputs.k, inputs.v, *extras)
 
 
 def _grad_names(case: FuzzCase) -> list[str]:
-    return ["dq", "dk", "dv", *(["dmask"] if case.mask_requires_grad else []),
-            *(["dslopes"] if case.slopes_requires_grad else [])]
+    return [
+        "dq",
+        "dk",
+        "dv",
+        *(["dmask"] if case.mask_requires_grad else []),
+        *(["dslopes"] if case.slopes_requires_grad else []),
+    ]
 
 
 def _upstreams(case: FuzzCase, out_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -132,9 +146,7 @@ def _grads(
     if not out.requires_grad:
         got: tuple[torch.Tensor | None, ...] = (None,) * len(inputs)
     else:
-        got = torch.autograd.grad(
-            out, inputs, upstream, allow_unused=True, retain_graph=True, is_grads_batched=batched
-        )
+        got = torch.autograd.grad(out, inputs, upstream, allow_unused=True, retain_graph=True, is_grads_batched=batched)
     lead = upstream.shape[:1] if batched else ()
     return tuple(x.new_zeros(*lead, *x.shape) if g is None else g.detach() for g, x in zip(got, inputs, strict=True))
 
@@ -184,14 +196,21 @@ def _magnitude(*tensors: torch.Tensor) -> float:
 
 
 def _assert_close(
-    got: torch.Tensor, want: torch.Tensor, tol: tuple[float, float], what: str, case: FuzzCase,
+    got: torch.Tensor,
+    want: torch.Tensor,
+    tol: tuple[float, float],
+    what: str,
+    case: FuzzCase,
     magnitude: float | None = None,
 ) -> None:
     """``got`` within ``atol·magnitude + rtol·|want|`` of ``want``; ``magnitude`` defaults to want's."""
     atol, rtol = tol
     magnitude = _magnitude(want) if magnitude is None else magnitude
     torch.testing.assert_close(
-        got.double(), want, atol=atol * magnitude, rtol=rtol,
+        got.double(),
+        want,
+        atol=atol * magnitude,
+        rtol=rtol,
         msg=lambda default: f"{what} differs from the reference for {case}\n{default}",
     )
 
@@ -220,8 +239,9 @@ def _check(case: FuzzCase, got: Results, want: Results) -> None:
     for name, g, expected in zip(names, got.grads, want.grads, strict=True):
         _assert_close(g, expected, grad_tol, name, case, magnitude)
     magnitude = _magnitude(*want.batched_grads)
-    for name, g, expected in zip(names if case.batched_grads else [], got.batched_grads, want.batched_grads,
-                                 strict=True):
+    for name, g, expected in zip(
+        names if case.batched_grads else [], got.batched_grads, want.batched_grads, strict=True
+    ):
         _assert_close(g, expected, grad_tol, f"{name} (is_grads_batched)", case, magnitude)
 
 
@@ -277,7 +297,10 @@ CORNERS: dict[str, Corner] = {
     "dropout with gradients": lambda c, r: c.dropout > 0 and c.grads,
     "negative scale, causal": lambda c, r: c.scale is not None and c.scale < 0 and c.causal is not False,
     "negative scale, top-left causal alone": lambda c, r: (
-        c.scale is not None and c.scale < 0 and c.causal == "top_left" and c.value_dim == c.head_dim
+        c.scale is not None
+        and c.scale < 0
+        and c.causal == "top_left"
+        and c.value_dim == c.head_dim
         and (c.mask, c.alibi, c.key_lengths, c.window, c.softcap, c.dropout) == ("none", "none", False, None, None, 0)
         and not (c.return_weights or c.return_lse)
     ),
@@ -302,9 +325,14 @@ def test_auto_picks_each_cpu_backend_somewhere_in_the_sweep() -> None:
     """``auto`` is compared with the reference on whatever it picks: the sweep must make it pick each."""
     picks = {
         qkv.explain_backend(
-            inputs.q, inputs.k, inputs.v, **inputs.kwargs, dropout=case.dropout,
+            inputs.q,
+            inputs.k,
+            inputs.v,
+            **inputs.kwargs,
+            dropout=case.dropout,
             generator=make_gen(case.seed) if case.dropout > 0 else None,
-            return_weights=case.return_weights, return_lse=case.return_lse,
+            return_weights=case.return_weights,
+            return_lse=case.return_lse,
         ).backend
         for case, inputs, _ in map(_prepared, SEEDS)
     }
@@ -313,11 +341,13 @@ def test_auto_picks_each_cpu_backend_somewhere_in_the_sweep() -> None:
 
 # --- triton, in Triton's interpreter -------------------------------------------------------------------------
 
+
 def _triton_seeds() -> list[int]:
     """A few small seeds the interpreter covers (float32/float16: it mishandles bfloat16), chosen so that
     they include plain and batched gradients and float16."""
     small = [
-        c for c in map(draw_case, SEEDS)
+        c
+        for c in map(draw_case, SEEDS)
         if not expected_refusal(c, "triton") and c.dtype != torch.bfloat16 and c.q_len * c.kv_len <= 1024
     ]
     chosen = {
@@ -351,8 +381,10 @@ def triton_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[s
     pytest.importorskip("triton")
     path = tmp_path_factory.mktemp("fuzz_triton") / "results.pt"
     tests_dir = Path(__file__).resolve().parents[1]
-    code = (f"import sys; sys.path.insert(0, {str(tests_dir)!r}); from ops.test_fuzz import triton_worker; "
-            f"triton_worker({str(path)!r}, {TRITON_SEEDS!r})")
+    code = (
+        f"import sys; sys.path.insert(0, {str(tests_dir)!r}); from ops.test_fuzz import triton_worker; "
+        f"triton_worker({str(path)!r}, {TRITON_SEEDS!r})"
+    )
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"triton interpreter worker failed:\n{proc.stderr[-5000:]}"
@@ -365,4 +397,3 @@ def test_triton_matches_reference(seed: int, triton_results: dict[int, dict[str,
     got = triton_results[seed]
     assert not isinstance(got, str), f"triton failed on {case}:\n{got}"
     _check(case, Results(**got), want)  # type: ignore[arg-type]
-

@@ -26,15 +26,23 @@ SHAPE = {"batch": (2,), "heads": 2, "kv_heads": 1, "q_len": 3, "kv_len": 4, "hea
 def _features(name: str) -> dict[str, Any]:
     batch, heads, q_len, kv_len = SHAPE["batch"], SHAPE["heads"], SHAPE["q_len"], SHAPE["kv_len"]
     return {
-        "masks": {"mask": rand_bool_mask((*batch, 1, q_len, kv_len), 1), "key_lengths": torch.tensor([4, 2]),
-                  "causal": True, "window": (2, 0)},
-        "float_mask_top_left": {"mask": rand_float_mask((q_len, kv_len), 2, neg_inf=0.3),
-                                "causal": "top_left"},
+        "masks": {
+            "mask": rand_bool_mask((*batch, 1, q_len, kv_len), 1),
+            "key_lengths": torch.tensor([4, 2]),
+            "causal": True,
+            "window": (2, 0),
+        },
+        "float_mask_top_left": {"mask": rand_float_mask((q_len, kv_len), 2, neg_inf=0.3), "causal": "top_left"},
         "alibi_window": {"alibi_slopes": rand_slopes((*batch, heads), 3), "window": (1, 1), "scale": 0.8},
         "alibi_softcap": {"alibi_slopes": rand_slopes((heads,), 4), "softcap": 0.7, "causal": True},
-        "everything": {"mask": rand_float_mask((heads, q_len, kv_len), 5, neg_inf=0.2),
-                       "key_lengths": torch.tensor([3, 0]), "causal": "top_left", "window": (-1, 1),
-                       "alibi_slopes": rand_slopes((heads,), 6), "softcap": 2.0},
+        "everything": {
+            "mask": rand_float_mask((heads, q_len, kv_len), 5, neg_inf=0.2),
+            "key_lengths": torch.tensor([3, 0]),
+            "causal": "top_left",
+            "window": (-1, 1),
+            "alibi_slopes": rand_slopes((heads,), 6),
+            "softcap": 2.0,
+        },
     }[name]
 
 
@@ -49,9 +57,7 @@ BACKEND_CASES = [(b, c) for b in EVERY_CALL_BACKENDS for c in CASES] + [
 def test_gradcheck(backend: str, case: str) -> None:
     q, k, v = make_qkv(**SHAPE, requires_grad=True)
     kw = _features(case)
-    assert gradcheck(
-        lambda q, k, v: qkv.attention(q, k, v, backend=backend, **kw), (q, k, v), check_batched_grad=True
-    )
+    assert gradcheck(lambda q, k, v: qkv.attention(q, k, v, backend=backend, **kw), (q, k, v), check_batched_grad=True)
 
 
 @pytest.mark.parametrize("backend", EVERY_CALL_BACKENDS)
@@ -78,14 +84,14 @@ def test_gradcheck_weights_and_lse(backend: str) -> None:
     assert [t.requires_grad for t in outputs] == [True, True, True]
     assert gradcheck(
         lambda q, k, v: qkv.attention(q, k, v, return_weights=True, return_lse=True, backend=backend, **kw),
-        (q, k, v), check_batched_grad=True,
+        (q, k, v),
+        check_batched_grad=True,
     )
 
 
 @pytest.mark.parametrize("backend", ["math"])
 def test_gradgradcheck(backend: str) -> None:
-    q, k, v = make_qkv(batch=(1,), heads=2, kv_heads=1, q_len=2, kv_len=3, head_dim=2, value_dim=2,
-                       requires_grad=True)
+    q, k, v = make_qkv(batch=(1,), heads=2, kv_heads=1, q_len=2, kv_len=3, head_dim=2, value_dim=2, requires_grad=True)
     kw = {"causal": True, "alibi_slopes": rand_slopes((2,), 7), "softcap": 1.5}
     assert gradgradcheck(lambda q, k, v: qkv.attention(q, k, v, backend=backend, **kw), (q, k, v))
 
@@ -103,11 +109,14 @@ def test_gradcheck_learned_biases(what: str) -> None:
 
 EMPTY_ROWS = {
     "key_lengths_0": ({"key_lengths": torch.tensor([0, 3])}, (0, slice(None))),
-    "bool_mask_row": ({"mask": torch.ones(3, 4, dtype=torch.bool).index_fill(0, torch.tensor([1]), False)},
-                      (slice(None), 1)),
-    "float_mask_row": ({"mask": torch.zeros(3, 4, dtype=torch.float64).index_fill(0, torch.tensor([2]),
-                                                                                 float("-inf"))},
-                       (slice(None), 2)),
+    "bool_mask_row": (
+        {"mask": torch.ones(3, 4, dtype=torch.bool).index_fill(0, torch.tensor([1]), False)},
+        (slice(None), 1),
+    ),
+    "float_mask_row": (
+        {"mask": torch.zeros(3, 4, dtype=torch.float64).index_fill(0, torch.tensor([2]), float("-inf"))},
+        (slice(None), 2),
+    ),
     "bottom_right_L>S": ({"causal": True, "q_len": 6}, (slice(None), slice(0, 2))),
 }
 

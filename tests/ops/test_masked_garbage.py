@@ -28,8 +28,10 @@ def _unreachable(kv_len: int) -> dict[str, tuple[dict, torch.Tensor]]:
         "bool_key_padding": ({"mask": padding[:, None, None]}, ~padding),
         "float_key_padding": ({"mask": float_padding}, ~padding),
         "top_left_causal": ({"causal": "top_left"}, (cols >= 5).expand(2, kv_len)),
-        "window": ({"window": (1, 0), "causal": True, "key_lengths": lengths},
-                   (cols < kv_len - 5 - 1) | (cols >= lengths[:, None])),
+        "window": (
+            {"window": (1, 0), "causal": True, "key_lengths": lengths},
+            (cols < kv_len - 5 - 1) | (cols >= lengths[:, None]),
+        ),
     }
 
 

@@ -34,9 +34,7 @@ class Case:
     kv_len: int = 7
     head_dim: int = 8
     value_dim: int = 6
-    build: Builder = field(
-        default=lambda dtype, c: ({}, {}), repr=False
-    )
+    build: Builder = field(default=lambda dtype, c: ({}, {}), repr=False)
 
     def score_shape(self, *which: str) -> tuple[int, ...]:
         """Mask shape from letters ``B`` (batch dims), ``H``, ``L``, ``S``; digits stand for themselves."""
@@ -119,8 +117,15 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_parity_with_sdpa(case: Case, backend: str, dtype: torch.dtype) -> None:
     q, k, v = make_qkv(
-        case.batch, case.heads, case.kv_heads, case.q_len, case.kv_len, case.head_dim, case.value_dim,
-        dtype=dtype, requires_grad=True,
+        case.batch,
+        case.heads,
+        case.kv_heads,
+        case.q_len,
+        case.kv_len,
+        case.head_dim,
+        case.value_dim,
+        dtype=dtype,
+        requires_grad=True,
     )
     ours_kw, sdpa_kw = case.build(dtype, case)
     if case.kv_heads != case.heads:
@@ -133,4 +138,3 @@ def test_parity_with_sdpa(case: Case, backend: str, dtype: torch.dtype) -> None:
     assert_close(out, expected, dtype, msg=f"forward, {case.name}, backend={backend}")
     for name, got, want in zip("qkv", grads(out, (q, k, v)), grads(expected, (q, k, v)), strict=True):
         assert_close(got, want, dtype, msg=f"d{name}, {case.name}, backend={backend}")
-

@@ -42,11 +42,19 @@ class RandomCall:
     seed: int
     kwargs: dict[str, Any]
 
-    def tensors(
-        self, dtype: torch.dtype = torch.float64, requires_grad: bool = False
-    ) -> tuple[torch.Tensor, ...]:
-        return make_qkv(self.batch, self.heads, self.kv_heads, self.q_len, self.kv_len, self.head_dim,
-                        self.value_dim, dtype=dtype, seed=self.seed, requires_grad=requires_grad)
+    def tensors(self, dtype: torch.dtype = torch.float64, requires_grad: bool = False) -> tuple[torch.Tensor, ...]:
+        return make_qkv(
+            self.batch,
+            self.heads,
+            self.kv_heads,
+            self.q_len,
+            self.kv_len,
+            self.head_dim,
+            self.value_dim,
+            dtype=dtype,
+            seed=self.seed,
+            requires_grad=requires_grad,
+        )
 
     @property
     def sdpa_accepts(self) -> bool:
@@ -74,7 +82,7 @@ def random_calls(draw: st.DrawFn) -> RandomCall:
         # Any broadcastable shape: some dims kept, the others 1, and some leading dims dropped.
         kept = [draw(st.booleans()) for _ in score_shape]
         shape = tuple(n if keep else 1 for n, keep in zip(score_shape, kept, strict=True))
-        shape = shape[draw(st.integers(0, len(shape))):]
+        shape = shape[draw(st.integers(0, len(shape))) :]
         if mask_kind == "bool":
             kwargs["mask"] = rand_bool_mask(shape, seed + 1, p_true=draw(st.sampled_from([0.3, 0.8])))
         else:
@@ -101,8 +109,7 @@ def test_backends_match_reference(call: RandomCall) -> None:
     empty = torch.isneginf(ref_lse)
     ref_grads = grads(ref_out, (q, k, v))
     for backend in EVERY_CALL_BACKENDS:
-        out, weights, lse = qkv.attention(q, k, v, return_weights=True, return_lse=True, backend=backend,
-                                          **call.kwargs)
+        out, weights, lse = qkv.attention(q, k, v, return_weights=True, return_lse=True, backend=backend, **call.kwargs)
         got_grads = grads(out, (q, k, v))
         for t in (out, weights, *got_grads):
             assert not torch.isnan(t).any()
@@ -142,8 +149,7 @@ def test_low_precision_never_nan_and_empty_rows_are_zero(call: RandomCall, dtype
         if backend == "torch":
             out = qkv.attention(q, k, v, backend=backend, **kwargs)
         else:
-            out, weights, lse = qkv.attention(q, k, v, return_weights=True, return_lse=True, backend=backend,
-                                              **kwargs)
+            out, weights, lse = qkv.attention(q, k, v, return_weights=True, return_lse=True, backend=backend, **kwargs)
             assert not torch.isnan(weights).any() and not torch.isnan(lse).any()
             assert (weights[empty] == 0).all() and torch.isneginf(lse[empty]).all()
             assert torch.isfinite(lse[~empty]).all()

@@ -132,11 +132,10 @@ LONG_FEATURES = {
 @pytest.mark.parametrize("features", LONG_FEATURES.values(), ids=LONG_FEATURES.keys())
 def test_long_keys_match_reference(features: dict, backend: str) -> None:
     """S > 1024 and L of a few dozen: enough for a blocked backend to visit, skip and mask several blocks."""
-    q, k, v = make_qkv(batch=(2,), heads=2, kv_heads=1, q_len=40, kv_len=1100, head_dim=8, value_dim=4,
-                       requires_grad=True)
-    out, weights, lse = qkv.attention(
-        q, k, v, return_weights=True, return_lse=True, backend=backend, **features
+    q, k, v = make_qkv(
+        batch=(2,), heads=2, kv_heads=1, q_len=40, kv_len=1100, head_dim=8, value_dim=4, requires_grad=True
     )
+    out, weights, lse = qkv.attention(q, k, v, return_weights=True, return_lse=True, backend=backend, **features)
     ref_out, ref_weights, ref_lse = reference_attention(q, k, v, **features)
     assert_close(out, ref_out, torch.float64, msg="out")
     assert_close(weights, ref_weights, torch.float64, msg="weights")
@@ -148,12 +147,11 @@ def test_long_keys_match_reference(features: dict, backend: str) -> None:
 @pytest.mark.parametrize("backend", DIFFERENTIABLE_EXTRAS_BACKENDS)
 def test_long_weights_and_lse_are_differentiable(backend: str) -> None:
     """Also at sizes where auto prefers a blocked backend: returned weights and lse stay in the graph."""
-    q, k, v = make_qkv(batch=(1,), heads=2, kv_heads=1, q_len=40, kv_len=1100, head_dim=8, value_dim=4,
-                       requires_grad=True)
-    features = LONG_FEATURES["bottom_right_key_lengths"] | {"key_lengths": torch.tensor([900])}
-    _, weights, lse = qkv.attention(
-        q, k, v, return_weights=True, return_lse=True, backend=backend, **features
+    q, k, v = make_qkv(
+        batch=(1,), heads=2, kv_heads=1, q_len=40, kv_len=1100, head_dim=8, value_dim=4, requires_grad=True
     )
+    features = LONG_FEATURES["bottom_right_key_lengths"] | {"key_lengths": torch.tensor([900])}
+    _, weights, lse = qkv.attention(q, k, v, return_weights=True, return_lse=True, backend=backend, **features)
     _, ref_weights, ref_lse = reference_attention(q, k, v, **features)
     assert weights.requires_grad and lse.requires_grad
     for name, got, want in zip("qk", grads(weights, (q, k)), grads(ref_weights, (q, k)), strict=True):
@@ -173,8 +171,7 @@ def test_softcap_applies_before_float_mask(backend: str) -> None:
     k = torch.tensor([[[[2.0, 0.0], [0.0, 5.0]]]], dtype=torch.float64)
     v = torch.tensor([[[[1.0], [0.0]]]], dtype=torch.float64)
     mask = torch.tensor([0.0, 3.0], dtype=torch.float64)
-    _, weights = qkv.attention(q, k, v, scale=1.0, softcap=1.0, mask=mask, return_weights=True,
-                               backend=backend)
+    _, weights = qkv.attention(q, k, v, scale=1.0, softcap=1.0, mask=mask, return_weights=True, backend=backend)
     s0, s1 = math.tanh(4.0), math.tanh(0.0) + 3.0
     expected = [math.exp(s0) / (math.exp(s0) + math.exp(s1)), math.exp(s1) / (math.exp(s0) + math.exp(s1))]
     torch.testing.assert_close(weights.flatten(), torch.tensor(expected, dtype=torch.float64))
@@ -186,7 +183,10 @@ def test_alibi_bias_by_hand(backend: str) -> None:
     q = torch.zeros(1, 1, 2, 4, dtype=torch.float64)
     k = torch.ones(1, 1, 3, 4, dtype=torch.float64)
     v = torch.eye(3, dtype=torch.float64).reshape(1, 1, 3, 3)
-    _, lse, = qkv.attention(q, k, v, alibi_slopes=torch.tensor([0.5]), return_lse=True, backend=backend)
+    (
+        _,
+        lse,
+    ) = qkv.attention(q, k, v, alibi_slopes=torch.tensor([0.5]), return_lse=True, backend=backend)
     rows = [[-0.5, 0.0, -0.5], [-1.0, -0.5, 0.0]]
     expected = torch.tensor([math.log(sum(math.exp(x) for x in row)) for row in rows], dtype=torch.float64)
     torch.testing.assert_close(lse.flatten(), expected)
@@ -195,8 +195,7 @@ def test_alibi_bias_by_hand(backend: str) -> None:
 @pytest.mark.parametrize("backend", EVERY_CALL_BACKENDS)
 def test_bottom_right_causal_with_more_queries_than_keys_gives_zero_rows(backend: str) -> None:
     q, k, v = make_qkv(q_len=7, kv_len=4, requires_grad=True)
-    out, weights, lse = qkv.attention(q, k, v, causal=True, return_weights=True, return_lse=True,
-                                      backend=backend)
+    out, weights, lse = qkv.attention(q, k, v, causal=True, return_weights=True, return_lse=True, backend=backend)
     assert torch.equal(out[..., :3, :], torch.zeros_like(out[..., :3, :]))
     assert torch.equal(weights[..., :3, :], torch.zeros_like(weights[..., :3, :]))
     assert torch.isneginf(lse[..., :3]).all() and torch.isfinite(lse[..., 3:]).all()

@@ -90,8 +90,9 @@ def test_dropout_is_reproducible_and_equals_math_forward_and_backward() -> None:
     q, k, v = LONG.tensors(requires_grad=True)
     results = []
     for backend in ("tiled", "tiled", "math"):
-        out, weights = qkv.attention(q, k, v, dropout=0.3, generator=make_gen(5), return_weights=True,
-                                     backend=backend, causal=True)
+        out, weights = qkv.attention(
+            q, k, v, dropout=0.3, generator=make_gen(5), return_weights=True, backend=backend, causal=True
+        )
         results.append((out, weights, *grads(out, (q, k, v))))
     for a, b in zip(results[0], results[1], strict=True):
         assert torch.equal(a, b)
@@ -179,8 +180,9 @@ print((kib("VmHWM") - before) * 1024)
 
 def _peak_extra_bytes(backend: str, kernel: str) -> int:
     """Peak resident-memory growth of one forward+backward at L = S = 2048, in a fresh process."""
-    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, backend, kernel], capture_output=True, text=True,
-                          timeout=300, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, backend, kernel], capture_output=True, text=True, timeout=300, check=True
+    )
     return int(done.stdout.split()[-1])
 
 
@@ -209,8 +211,7 @@ VMAP_FEATURES = {
 def test_batched_gradients_equal_one_at_a_time(features: dict) -> None:
     """``is_grads_batched=True`` (what ``gradcheck(check_batched_grad=True)`` and Jacobians use) once
     raised ``Batching rule not implemented for aten::alias`` on the tiled backward."""
-    q, k, v = make_qkv(batch=(2,), heads=2, kv_heads=1, q_len=9, kv_len=9, head_dim=4, value_dim=4,
-                       requires_grad=True)
+    q, k, v = make_qkv(batch=(2,), heads=2, kv_heads=1, q_len=9, kv_len=9, head_dim=4, value_dim=4, requires_grad=True)
     out = qkv.attention(q, k, v, backend="tiled", **features)
     upstream = torch.randn(3, *out.shape, generator=make_gen(4), dtype=torch.float64)
     batched = torch.autograd.grad(out, (q, k, v), upstream, is_grads_batched=True, retain_graph=True)
@@ -232,16 +233,17 @@ def test_vmap_and_jacobian_match_math(features: dict) -> None:
         return qkv.attention(q, k, v, backend="math", **features)
 
     torch.testing.assert_close(torch.func.vmap(tiled)(qs, ks, vs), torch.func.vmap(math)(qs, ks, vs))
-    torch.testing.assert_close(torch.func.vmap(tiled, in_dims=(0, None, None))(qs, k, v),
-                               torch.stack([math(x, k, v) for x in qs]))
+    torch.testing.assert_close(
+        torch.func.vmap(tiled, in_dims=(0, None, None))(qs, k, v), torch.stack([math(x, k, v) for x in qs])
+    )
     for argnum in range(3):
-        torch.testing.assert_close(torch.func.jacrev(tiled, argnums=argnum)(q, k, v),
-                                   torch.func.jacrev(math, argnums=argnum)(q, k, v))
+        torch.testing.assert_close(
+            torch.func.jacrev(tiled, argnums=argnum)(q, k, v), torch.func.jacrev(math, argnums=argnum)(q, k, v)
+        )
 
 
 def test_double_backward_is_refused_clearly() -> None:
-    q, k, v = make_qkv(batch=(1,), heads=1, kv_heads=1, q_len=4, kv_len=4, head_dim=2, value_dim=2,
-                       requires_grad=True)
+    q, k, v = make_qkv(batch=(1,), heads=1, kv_heads=1, q_len=4, kv_len=4, head_dim=2, value_dim=2, requires_grad=True)
     out = qkv.attention(q, k, v, backend="tiled", causal=True)
     (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="first derivatives only.*backend='math'"):

@@ -32,8 +32,14 @@ Builder = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str,
 
 
 def _qkv(
-    batch: tuple[int, ...] = (1,), heads: int = 2, kv_heads: int | None = None, q_len: int = 40,
-    kv_len: int = 40, head_dim: int = 32, value_dim: int | None = None, dtype: torch.dtype = torch.float32,
+    batch: tuple[int, ...] = (1,),
+    heads: int = 2,
+    kv_heads: int | None = None,
+    q_len: int = 40,
+    kv_len: int = 40,
+    head_dim: int = 32,
+    value_dim: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(q_len * 1000 + kv_len)
     kv_heads = heads if kv_heads is None else kv_heads
@@ -71,8 +77,12 @@ def _transposed() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, A
 
 def _everything() -> dict[str, Any]:
     return {
-        "causal": True, "window": (20, 0), "alibi_slopes": torch.tensor([0.5, 0.25]), "softcap": 3.0,
-        "key_lengths": torch.tensor([45, 30]), "mask": _bool(2, 1, 1, 45, p=0.9),
+        "causal": True,
+        "window": (20, 0),
+        "alibi_slopes": torch.tensor([0.5, 0.25]),
+        "softcap": 3.0,
+        "key_lengths": torch.tensor([45, 30]),
+        "mask": _bool(2, 1, 1, 45, p=0.9),
     }
 
 
@@ -95,8 +105,15 @@ def _random(seed: int) -> Builder:
         features["softcap"] = 1.0 + pick(5)
     if pick(3) == 0:
         features["mask"] = torch.rand(2, 1, q_len, kv_len, generator=g) < 0.8
-    return _case(features, batch=(2,), heads=kv_heads * groups, kv_heads=kv_heads, q_len=q_len, kv_len=kv_len,
-                 head_dim=16 * (1 + pick(2)))
+    return _case(
+        features,
+        batch=(2,),
+        heads=kv_heads * groups,
+        kv_heads=kv_heads,
+        q_len=q_len,
+        kv_len=kv_len,
+        head_dim=16 * (1 + pick(2)),
+    )
 
 
 F16, BF16 = torch.float16, torch.bfloat16
@@ -162,14 +179,23 @@ GPU_CASES: dict[str, Builder] = {
         {"causal": True}, batch=(2,), heads=8, kv_heads=2, q_len=1061, kv_len=1061, head_dim=128, dtype=BF16
     ),
     "large_fp16_window_alibi_d64": _case(
-        lambda: {"window": (256, 0), "alibi_slopes": torch.rand(4)}, heads=4, q_len=2048, kv_len=2048,
-        head_dim=64, dtype=F16,
+        lambda: {"window": (256, 0), "alibi_slopes": torch.rand(4)},
+        heads=4,
+        q_len=2048,
+        kv_len=2048,
+        head_dim=64,
+        dtype=F16,
     ),
     "large_bf16_softcap_bottom_right_d128": _case(
         {"softcap": 30.0, "causal": True}, heads=4, q_len=500, kv_len=1536, head_dim=128, dtype=BF16
     ),
     "large_fp16_padding_mask_d256": _case(
-        lambda: {"mask": _bool(2, 1, 1, 700, p=0.9)}, batch=(2,), heads=2, q_len=700, kv_len=700, head_dim=256,
+        lambda: {"mask": _bool(2, 1, 1, 700, p=0.9)},
+        batch=(2,),
+        heads=2,
+        q_len=700,
+        kv_len=700,
+        head_dim=256,
         dtype=F16,
     ),
     "large_fp32_key_lengths_d96": _case(
@@ -238,8 +264,9 @@ def _worker(names: list[str]) -> None:
 
     report: dict[str, Any] = {
         "interpreted": triton_kernels.INTERPRETED,
-        "configs": [len(c()) for c in (triton_kernels.forward_configs, triton_kernels.dq_configs,
-                                        triton_kernels.dkdv_configs)],
+        "configs": [
+            len(c()) for c in (triton_kernels.forward_configs, triton_kernels.dq_configs, triton_kernels.dkdv_configs)
+        ],
         "cases": {},
     }
     # The GPU lists' fallback configurations are kept only where the others may not fit.
@@ -280,9 +307,7 @@ def _check(case: dict[str, Any]) -> None:
 def interpreted() -> dict[str, Any]:
     """Run every case in one interpreter child process; its JSON report."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, __file__, *CASES], env=env, capture_output=True, text=True, timeout=900
-    )
+    proc = subprocess.run([sys.executable, __file__, *CASES], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stderr[-5000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -315,6 +340,7 @@ def test_cases_cover_fully_masked_rows(interpreted: dict[str, Any]) -> None:
 
 # The checks, in this process. On a GPU machine the GPU tests above may have built the kernels here; the
 # checks under TRITON_INTERPRET=1 must then not see them (they would say the kernels were built for the GPU).
+
 
 @pytest.fixture
 def interpreter_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -400,8 +426,13 @@ def test_auto_on_cuda_prefers_triton_where_sdpa_needs_a_dense_mask(
     q, k, v = _qkv(batch=(1,), q_len=64, kv_len=64, head_dim=16)
     spec = build_spec(q, k, v, **kwargs)
     choice = dispatch.choose_backend(
-        spec, "auto", return_weights=False, return_lse=False, generator=generator,
-        device=torch.device("cuda"), dtype=torch.float16,
+        spec,
+        "auto",
+        return_weights=False,
+        return_lse=False,
+        generator=generator,
+        device=torch.device("cuda"),
+        dtype=torch.float16,
     )
     assert choice.backend == expected, choice
 

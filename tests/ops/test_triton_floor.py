@@ -25,9 +25,7 @@ def installed_triton(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str]
 
     def install(version: str) -> None:
         monkeypatch.setattr(triton_backend, "_triton_installed", lambda: True)
-        monkeypatch.setattr(
-            importlib.metadata, "version", lambda name: version if name == "triton" else "0"
-        )
+        monkeypatch.setattr(importlib.metadata, "version", lambda name: version if name == "triton" else "0")
         triton_backend.triton_version_error.cache_clear()
 
     yield install
@@ -42,8 +40,15 @@ def test_old_triton_is_never_chosen(installed_triton: Callable[[str], None], ver
     reason = triton_backend.triton_unsupported_reason(spec, torch.device("cuda"), torch.float16)
     assert reason is not None and version in reason and "3.4" in reason
     # On a CUDA device, auto consults the Triton rule; it must fall back without touching the GPU.
-    choice = choose_backend(spec, "auto", return_weights=False, return_lse=False, generator=None,
-                            device=torch.device("cuda"), dtype=torch.float16)
+    choice = choose_backend(
+        spec,
+        "auto",
+        return_weights=False,
+        return_lse=False,
+        generator=None,
+        device=torch.device("cuda"),
+        dtype=torch.float16,
+    )
     assert choice.backend != "triton"
     with pytest.raises(ValueError, match=r"backend='triton' cannot run this call: Triton .* need Triton 3\.4 or newer"):
         qkv.attention(q, k, v, window=(4, 4), backend="triton")

@@ -12,11 +12,21 @@ import yaml
 TINY: dict[str, Any] = {
     "data": {"corpus": "reverse", "size": 200, "seed": 0, "tokenizer": "char", "shared_vocab": True},
     "model": {
-        "d_model": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ffn_dim": 32, "dropout": 0.1,
+        "d_model": 16,
+        "num_heads": 2,
+        "encoder_layers": 1,
+        "decoder_layers": 1,
+        "ffn_dim": 32,
+        "dropout": 0.1,
     },
     "training": {
-        "max_steps": 24, "max_tokens": 128, "lr": 3e-3, "warmup_steps": 4, "valid_every": 8,
-        "valid_max_sentences": 8, "early_stopping_metric": "chrf",
+        "max_steps": 24,
+        "max_tokens": 128,
+        "lr": 3e-3,
+        "warmup_steps": 4,
+        "valid_every": 8,
+        "valid_max_sentences": 8,
+        "early_stopping_metric": "chrf",
     },
     "output": {"checkpoint_every": 4, "keep_last": 2, "export": "last", "log_every": 8, "progress_bar": False},
 }

@@ -43,8 +43,11 @@ def test_round_trip_of_model_optimizer_state_and_rng(tmp_path):
     rng, scalars = ckpt.capture_rng()
     expected = (random.random(), np.random.rand(), torch.rand(3))
     path = ckpt.save_checkpoint(
-        tmp_path / "c.safetensors", model.state_dict(), optimizer_state=optimizer.state_dict(),
-        state={"step": 3, "rng": scalars, "best": {"score": None}}, rng=rng,
+        tmp_path / "c.safetensors",
+        model.state_dict(),
+        optimizer_state=optimizer.state_dict(),
+        state={"step": 3, "rng": scalars, "best": {"score": None}},
+        rng=rng,
     )
     loaded = ckpt.load_checkpoint(path)
     assert loaded.state["step"] == 3 and loaded.state["best"] == {"score": None}

@@ -70,8 +70,10 @@ def test_bad_values_name_the_key(section, key, value, message):
         ({**MINIMAL, "training": {"lrr": 1}}, "unknown key training.lrr; valid keys of training: seed, max_steps"),
         ({**MINIMAL, "model": {"dmodel": 8}}, "unknown key model.dmodel; valid keys of model (type transformer)"),
         ({**MINIMAL, "optim": {}}, "unknown section optim; valid sections: data, model, training, output"),
-        ({"data": {"corpus": "numbers", "train": {"src": "a", "tgtt": "b"}}, "output": {"dir": "x"}},
-         "unknown key data.train.tgtt; valid keys of data.train: src, tgt, tsv"),
+        (
+            {"data": {"corpus": "numbers", "train": {"src": "a", "tgtt": "b"}}, "output": {"dir": "x"}},
+            "unknown key data.train.tgtt; valid keys of data.train: src, tgt, tsv",
+        ),
         ({"data": {"corpus": "numbers"}, "output": {}}, "output.dir is required"),
         ({"data": {}, "output": {"dir": "x"}}, "data.train is required when data.corpus is not set"),
         ({"data": {"train": {"src": "a"}, "valid": {"tsv": "v"}}, "output": {"dir": "x"}}, "data.train.tgt is"),

@@ -29,9 +29,11 @@ def test_an_alias_bomb_is_refused_before_anything_walks_it(tmp_path: Path) -> No
 
 
 def test_an_alias_bomb_in_a_set_override_is_refused(tmp_path: Path) -> None:
-    value = "{a: &a [x, x, x, x, x, x, x, x, x, x], " + ", ".join(
-        f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]" for p, c in zip("abcd", "bcde", strict=True)
-    ) + "}"
+    value = (
+        "{a: &a [x, x, x, x, x, x, x, x, x, x], "
+        + ", ".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]" for p, c in zip("abcd", "bcde", strict=True))
+        + "}"
+    )
     config = tmp_path / "c.yaml"
     config.write_text("data:\n  corpus: numbers\noutput:\n  dir: runs/x\n")
     with pytest.raises(ConfigError, match=r"--set .*expands to more than 100,000 values"):

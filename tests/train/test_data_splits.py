@@ -28,12 +28,15 @@ def test_dropped_pairs_are_logged_and_the_test_split_is_scored(tmp_path, make_co
         "train": write_tsv(tmp_path / "train.tsv", train),
         "valid": write_tsv(tmp_path / "valid.tsv", corpus.valid),
         "test": write_tsv(tmp_path / "test.tsv", corpus.test[:5]),
-        "tokenizer": "char", "shared_vocab": True,
+        "tokenizer": "char",
+        "shared_vocab": True,
     }
     result = run(config)
     log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
-    assert f"train split: {tmp_path / 'train.tsv'}: {len(train)} pairs read, {len(corpus.train)} kept, " \
-           "2 dropped empty" in log
+    assert (
+        f"train split: {tmp_path / 'train.tsv'}: {len(train)} pairs read, {len(corpus.train)} kept, "
+        "2 dropped empty" in log
+    )
     assert "valid split:" not in log  # nothing dropped there, nothing to say
     assert result.test_scores["sentences"] == 5
     assert "test (5 sentences, exported model) | loss " in log

@@ -62,9 +62,20 @@ def test_two_processes_keep_identical_parameters(tmp_path, make_config):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER, encoding="utf-8")
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(worker), str(config), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(worker),
+            str(config),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
@@ -75,7 +86,9 @@ def test_two_processes_keep_identical_parameters(tmp_path, make_config):
     assert (tmp_path / "ddp_run" / "checkpoints" / "step_00000012.safetensors").is_file()
 
     single = Trainer(
-        Config.from_dict(make_config(tmp_path / "single_run", **SECTIONS)), DistContext(), resume=False,
+        Config.from_dict(make_config(tmp_path / "single_run", **SECTIONS)),
+        DistContext(),
+        resume=False,
         echo=lambda line: None,
     )
     single.run()

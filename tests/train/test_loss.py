@@ -33,8 +33,9 @@ def test_equals_torch_cross_entropy_with_label_smoothing():
     target[0, 3:] = PAD
     target[2, 1:] = PAD
     loss, nll, tokens = label_smoothed_loss(logits, target, smoothing=0.2, pad_id=PAD)
-    expected = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=PAD, label_smoothing=0.2,
-                               reduction="sum")
+    expected = F.cross_entropy(
+        logits.flatten(0, 1), target.flatten(), ignore_index=PAD, label_smoothing=0.2, reduction="sum"
+    )
     plain = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=PAD, reduction="sum")
     assert tokens == int((target != PAD).sum())
     torch.testing.assert_close(loss, expected)

@@ -24,7 +24,8 @@ def test_matching_parts_pass_and_a_foreign_tokenizer_is_named() -> None:
 
 def test_special_ids_that_differ_are_named() -> None:
     tok = CharTokenizer.train(["abc"])
-    config = TransformerConfig(src_vocab_size=tok.vocab_size, tgt_vocab_size=tok.vocab_size, d_model=8, num_heads=2,
-                               eos_id=3)
+    config = TransformerConfig(
+        src_vocab_size=tok.vocab_size, tgt_vocab_size=tok.vocab_size, d_model=8, num_heads=2, eos_id=3
+    )
     with pytest.raises(ModelDirectoryError, match=r"eos_id is 3 but the tgt tokenizer's is 2"):
         check_model_directory("run", config, tok, tok)

@@ -36,7 +36,10 @@ def test_sigkilled_training_resumes_to_the_same_parameters(tmp_path, write_confi
     config = write_config(killed_dir, name="killed.yaml", **SECTIONS)
     proc = subprocess.Popen(
         [sys.executable, "-m", "qkv", "train", str(config)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
         wait_for_checkpoint(proc, killed_dir / "checkpoints", 8)

@@ -40,7 +40,9 @@ def test_user_files_tsv_and_sentencepiece(tmp_path, make_config):
     config["data"] = {
         "train": {"src": str(tmp_path / "data" / "train.src"), "tgt": str(tmp_path / "data" / "train.tgt")},
         "valid": {"tsv": str(tsv)},
-        "tokenizer": "sentencepiece", "vocab_size": 20, "shared_vocab": False,
+        "tokenizer": "sentencepiece",
+        "vocab_size": 20,
+        "shared_vocab": False,
     }
     assert run(config).step == 4
     for name in ("src_tokenizer.json", "src_tokenizer.model", "tgt_tokenizer.json", "tgt_tokenizer.model"):
@@ -68,7 +70,11 @@ def test_validation_loss_goes_down(tmp_path, make_config):
 def test_rnn_model_trains_resumes_and_translates_with_attention(tmp_path, make_config):
     config = make_config(tmp_path / "run", training={"max_steps": 8, "valid_every": 4})
     config["model"] = {
-        "type": "rnn", "embed_dim": 16, "hidden_dim": 16, "cell": "lstm", "attention": "luong_general",
+        "type": "rnn",
+        "embed_dim": 16,
+        "hidden_dim": 16,
+        "cell": "lstm",
+        "attention": "luong_general",
         "dropout": 0.1,
     }
     config["output"]["checkpoint_every"] = 4

@@ -29,9 +29,7 @@ def reference(q, k, v, causal: bool = False) -> dict[str, np.ndarray]:
     length, keys = q.shape[0], k.shape[0]
     dots = q @ k.T
     scaled = dots / np.sqrt(q.shape[1])
-    visible = (
-        np.tril(np.ones((length, keys), dtype=bool), k=keys - length) if causal else np.ones_like(dots, bool)
-    )
+    visible = np.tril(np.ones((length, keys), dtype=bool), k=keys - length) if causal else np.ones_like(dots, bool)
     weights = np.zeros_like(scaled)
     for i in range(length):
         seen = scaled[i][visible[i]]

@@ -88,7 +88,11 @@ def test_several_kinds_and_cross_attention():
     encoder, cross = data["kinds"]
     assert (encoder["name"], encoder["tokens"], encoder["key_tokens"]) == ("encoder", src, src)
     assert (cross["name"], cross["tokens"], cross["key_tokens"], cross["layers"], cross["heads"]) == (
-        "cross", tgt, src, 1, 2,
+        "cross",
+        tgt,
+        src,
+        1,
+        2,
     )
 
 
@@ -135,9 +139,19 @@ def chromium() -> str:
 
 def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
     command = [
-        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=5000", *args,
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        *args,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, f"chromium exited with {result.returncode}: {result.stderr[-2000:]}"
@@ -193,7 +207,7 @@ def page(tmp_path_factory) -> Path:
 def load(chromium: str, tmp_path: Path, url: str, *extra: str) -> Dom:
     result = run_chromium(chromium, tmp_path / "profile", *extra, "--dump-dom", url)
     dom = Dom(result.stdout)
-    (body, _), = dom.find("body")
+    ((body, _),) = dom.find("body")
     assert body.get("data-status") == "ready", f"the page's script failed: {body.get('data-error')!r}"
     return dom
 
@@ -240,7 +254,7 @@ def test_browser_default_view(default_view):
 
     layer_options = [(a["value"], text) for a, text in dom.find("option", within="layer")]
     assert layer_options == [(str(n), f"Layer {n}") for n in range(LAYERS)]
-    (kind_control, _), = dom.find("label", id="kind-control")
+    ((kind_control, _),) = dom.find("label", id="kind-control")
     assert "hidden" in kind_control, "one kind of attention needs no kind select"
     boxes = dom.find("input", class_="head-toggle")
     assert [a["data-head"] for a, _ in boxes] == [str(h) for h in range(HEADS)]
@@ -266,7 +280,7 @@ def test_browser_fragment_preselects_layer_heads_token(chromium, page, tmp_path)
     assert [text for _, text in dom.find("text", class_="active")] == ["mats"]
     selected = {(a["data-layer"], a["data-head"]) for a, _ in dom.find("figure", class_="selected")}
     assert selected == {("2", "0"), ("2", "3")}
-    (summary, _), = dom.find("p", id="summary")
+    ((summary, _),) = dom.find("p", id="summary")
     assert summary["data-lines"] == str(len(expected_lines(2, [0, 3], rows=[5])))
 
 
@@ -301,10 +315,13 @@ def test_browser_controls_and_hover(chromium, tmp_path):
 
 
 def test_browser_leave_and_thumbnail_click(chromium, tmp_path):
-    script = CONTROLS_AND_HOVER + """
+    script = (
+        CONTROLS_AND_HOVER
+        + """
     document.querySelector('#head-svg text.left[data-index="3"]').dispatchEvent(new MouseEvent("mouseleave"));
     document.querySelector('.thumb[data-layer="2"][data-head="1"]').click();
     """
+    )
     dom = load(chromium, tmp_path, page_with_script(tmp_path, script).as_uri())
     check_lines(dom, expected_lines(2, [1]))  # every token's lines again, of the clicked layer and head
     assert [a["value"] for a, _ in dom.find("option", within="layer") if "selected" in a] == ["2"]

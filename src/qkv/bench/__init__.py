@@ -5,6 +5,7 @@ Modules: :mod:`~qkv.bench.cases` (feature cases, inputs, FLOPs, the peers), :mod
 (JSON, markdown, PNG). Example::
 
     from qkv.bench import BenchConfig, run_bench, markdown_table
+
     results = run_bench(BenchConfig(lengths=(256, 512), features=("plain", "causal"), memory=False))
     print(markdown_table(results))
 """

@@ -42,9 +42,7 @@ FEATURES: dict[str, str] = {
 MODES = ("fwd", "fwd+bwd")
 QKV_BACKENDS = ("math", "tiled", "torch", "auto")
 PEERS = (*QKV_BACKENDS, "sdpa", "naive")
-DTYPES = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64
-}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 SOFTCAP = 30.0
 WINDOW = (256, 0)
@@ -257,9 +255,7 @@ def sdpa_call(inputs: Inputs) -> Callable[[], torch.Tensor]:
 
             mask = causal_lower_right(L, S)
     dropout = feats.get("dropout", 0.0)
-    return lambda: F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal
-    )
+    return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
 
 
 def make_call(peer: str, inputs: Inputs) -> Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]:
@@ -285,9 +281,7 @@ def runs_on(peer: str, inputs: Inputs) -> str:
         raise Unsupported(str(e)) from None
 
 
-def make_step(
-    call: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]], inputs: Inputs
-) -> Callable[[], object]:
+def make_step(call: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]], inputs: Inputs) -> Callable[[], object]:
     """One timed unit: the forward, and for ``fwd+bwd`` the backward of ``out`` with ``grad_out``."""
     if inputs.grad_out is None:
         return call

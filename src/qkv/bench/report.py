@@ -30,9 +30,7 @@ MEMORY_CONVENTION = (
     "allocated: peak RSS (VmHWM, as getrusage ru_maxrss) on CPU, torch.cuda.max_memory_allocated on CUDA."
 )
 MARKERS = ("o", "s", "^", "v", "D", "x", "P", "*")  # overlapping backends stay distinguishable
-TABLE_HEADER = (
-    "case", "L", "S", "D", "mode", "backend", "median ms", "GFLOP/s", "peak MiB", "× torch", "note"
-)
+TABLE_HEADER = ("case", "L", "S", "D", "mode", "backend", "median ms", "GFLOP/s", "peak MiB", "× torch", "note")
 
 
 def to_json(results: Sequence[Result], config: BenchConfig, machine: dict[str, Any]) -> dict[str, Any]:
@@ -63,19 +61,27 @@ def table_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
     for r in results:
         c = r.case
         ok = r.status == "ok"
-        rows.append((
-            c.feature, str(c.q_len), str(c.kv_len), str(c.head_dim), c.mode, r.backend,
-            f"{r.median_s * 1e3:.2f}" if ok and r.median_s is not None else r.status,
-            f"{r.gflops:.1f}" if ok and r.gflops is not None else "",
-            f"{r.peak_bytes / 2**20:.1f}" if r.peak_bytes is not None else "",
-            f"{r.ratio_to_torch:.2f}" if r.ratio_to_torch is not None else "",
-            _note(r),
-        ))
+        rows.append(
+            (
+                c.feature,
+                str(c.q_len),
+                str(c.kv_len),
+                str(c.head_dim),
+                c.mode,
+                r.backend,
+                f"{r.median_s * 1e3:.2f}" if ok and r.median_s is not None else r.status,
+                f"{r.gflops:.1f}" if ok and r.gflops is not None else "",
+                f"{r.peak_bytes / 2**20:.1f}" if r.peak_bytes is not None else "",
+                f"{r.ratio_to_torch:.2f}" if r.ratio_to_torch is not None else "",
+                _note(r),
+            )
+        )
     return rows
 
 
 def markdown_table(results: Sequence[Result]) -> str:
     """A GitHub markdown table of the sweep, followed by what ``× torch`` means."""
+
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
@@ -83,7 +89,7 @@ def markdown_table(results: Sequence[Result]) -> str:
     lines += [line(row) for row in table_rows(results)]
     lines += [
         "",
-        "× torch: median time / median time of `qkv.attention(backend=\"torch\")` (SDPA) on the same case; "
+        '× torch: median time / median time of `qkv.attention(backend="torch")` (SDPA) on the same case; '
         "below 1 is faster. `sdpa`: raw `F.scaled_dot_product_attention`. GFLOP/s: " + FLOP_CONVENTION,
     ]
     return "\n".join(lines) + "\n"
@@ -146,4 +152,3 @@ def write_outputs(
         if i == 0:
             write_plot(group, paths["plot"], title)
     return paths
-

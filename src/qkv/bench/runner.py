@@ -101,9 +101,7 @@ class BenchConfig:
         for name, allowed in (("features", FEATURES), ("backends", PEERS), ("modes", MODES)):
             bad = [x for x in getattr(self, name) if x not in allowed]
             if bad:
-                raise ValueError(
-                    f"unknown {name} {', '.join(map(repr, bad))}; expected some of {', '.join(allowed)}"
-                )
+                raise ValueError(f"unknown {name} {', '.join(map(repr, bad))}; expected some of {', '.join(allowed)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.device not in ("cpu", "cuda"):
@@ -279,8 +277,14 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> list[Result]:
     limit = config.memory_limit if config.memory_limit is not None else available_memory(config.device)
     cases = config.cases()
     results: list[Result] = []
-    with tqdm(total=len(cases) * len(config.backends), desc="timing", unit="run", file=sys.stderr,
-              disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(cases) * len(config.backends),
+        desc="timing",
+        unit="run",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         for case in cases:
             inputs = make_inputs(case)
             for backend in config.backends:
@@ -291,8 +295,9 @@ def run_bench(config: BenchConfig, *, progress: bool = True) -> list[Result]:
     fill_ratios(results)
     todo = [r for r in results if r.status == "ok" and config.measures_memory(r.case)]
     if todo:
-        with tqdm(total=len(todo), desc="memory", unit="run", file=sys.stderr, disable=not progress,
-                  dynamic_ncols=True) as bar:
+        with tqdm(
+            total=len(todo), desc="memory", unit="run", file=sys.stderr, disable=not progress, dynamic_ncols=True
+        ) as bar:
             answers = measure_memory([(r.case, r.backend) for r in todo], config.threads)
             for r, answer in zip(todo, answers, strict=True):
                 r.peak_bytes, r.memory_method = answer.get("peak_bytes"), answer.get("method")
@@ -317,8 +322,12 @@ def measure_memory(jobs: Sequence[tuple[Case, str]], threads: int) -> Iterator[d
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER_COMMAND], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=err, text=True, env=env,
+            [sys.executable, "-c", WORKER_COMMAND],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=env,
         )
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(json.dumps(payload))
@@ -464,4 +473,3 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-

@@ -69,35 +69,78 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help=f"a small sweep: lengths {' '.join(map(str, QUICK_LENGTHS))}, cases {' '.join(QUICK_FEATURES)}, "
         f"repeats {QUICK_REPEATS}; memory of the first case at the largest length only (explicit options "
         "still win)",
     )
-    p.add_argument("--lengths", type=int, nargs="+", metavar="S",
-                   help="key lengths S; L = S except for bottom_right "
-                   f"(default {' '.join(map(str, FULL_LENGTHS))})")
-    p.add_argument("--head-dims", type=int, nargs="+", metavar="D",
-                   help=f"head dims (default {' '.join(map(str, FULL_HEAD_DIMS))})")
-    p.add_argument("--cases", nargs="+", choices=list(FEATURES), metavar="CASE",
-                   help="feature cases (default all): " + ", ".join(FEATURES))
-    p.add_argument("--backends", nargs="+", choices=list(PEERS), default=list(PEERS), metavar="BACKEND",
-                   help="backends and peers (default all): " + ", ".join(PEERS))
-    p.add_argument("--mode", nargs="+", choices=list(MODES), default=list(MODES), dest="modes",
-                   help="forward only and/or forward+backward (default both)")
+    p.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        metavar="S",
+        help=f"key lengths S; L = S except for bottom_right (default {' '.join(map(str, FULL_LENGTHS))})",
+    )
+    p.add_argument(
+        "--head-dims",
+        type=int,
+        nargs="+",
+        metavar="D",
+        help=f"head dims (default {' '.join(map(str, FULL_HEAD_DIMS))})",
+    )
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        choices=list(FEATURES),
+        metavar="CASE",
+        help="feature cases (default all): " + ", ".join(FEATURES),
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=list(PEERS),
+        default=list(PEERS),
+        metavar="BACKEND",
+        help="backends and peers (default all): " + ", ".join(PEERS),
+    )
+    p.add_argument(
+        "--mode",
+        nargs="+",
+        choices=list(MODES),
+        default=list(MODES),
+        dest="modes",
+        help="forward only and/or forward+backward (default both)",
+    )
     p.add_argument("--batch", type=int, default=1, help="batch size B (default 1)")
     p.add_argument("--heads", type=int, default=8, help="heads H (default 8)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="input dtype (default float32)")
-    p.add_argument("--threads", type=int, help="torch threads, here and in the memory processes "
-                   "(default: torch's default, usually the physical cores)")
-    p.add_argument("--repeats", type=int, help=f"timed calls per run, after one warm-up; the median is "
-                   f"reported (default {FULL_REPEATS}, {QUICK_REPEATS} with --quick)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads, here and in the memory processes (default: torch's default, usually the physical cores)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help=f"timed calls per run, after one warm-up; the median is "
+        f"reported (default {FULL_REPEATS}, {QUICK_REPEATS} with --quick)",
+    )
     p.add_argument("--no-memory", action="store_true", help="do not measure peak memory (faster)")
-    p.add_argument("--memory-limit", type=parse_size, metavar="SIZE",
-                   help="memory to treat as available, e.g. 8G (default: MemAvailable, or free GPU memory); "
-                   "a run estimated to need more than 70%% of it is reported as skipped")
-    p.add_argument("--out", type=Path, default=Path("bench-results"), metavar="DIR",
-                   help="output directory (default bench-results/)")
+    p.add_argument(
+        "--memory-limit",
+        type=parse_size,
+        metavar="SIZE",
+        help="memory to treat as available, e.g. 8G (default: MemAvailable, or free GPU memory); "
+        "a run estimated to need more than 70%% of it is reported as skipped",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        metavar="DIR",
+        help="output directory (default bench-results/)",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(run=run)

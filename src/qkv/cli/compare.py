@@ -60,16 +60,36 @@ def run_comparisons(
 
     cases: list[tuple[str, Callable[[], torch.Tensor], Callable[[], torch.Tensor], dict]] = [
         ("plain", lambda: qkv.attention(q, k, v), lambda: F.scaled_dot_product_attention(q, k, v), {}),
-        ("causal (top-left)", lambda: qkv.attention(q, k, v, causal="top_left"),
-         lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), {"causal": "top_left"}),
-        (f"grouped heads ({kv_heads} kv heads)", lambda: qkv.attention(q, k_gqa, v_gqa),
-         lambda: F.scaled_dot_product_attention(q, k_gqa, v_gqa, enable_gqa=True), {}),
-        ("padding via key_lengths", lambda: qkv.attention(q, k, v, key_lengths=lengths),
-         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=padding), {"key_lengths": lengths}),
-        ("ALiBi", lambda: qkv.attention(q, k, v, alibi_slopes=slopes),
-         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=alibi_bias), {"alibi_slopes": slopes}),
-        ("causal (bottom-right), L = S/2", lambda: qkv.attention(q_tail, k, v, causal=True),
-         lambda: F.scaled_dot_product_attention(q_tail, k, v, attn_mask=bottom_right), {"causal": True}),
+        (
+            "causal (top-left)",
+            lambda: qkv.attention(q, k, v, causal="top_left"),
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            {"causal": "top_left"},
+        ),
+        (
+            f"grouped heads ({kv_heads} kv heads)",
+            lambda: qkv.attention(q, k_gqa, v_gqa),
+            lambda: F.scaled_dot_product_attention(q, k_gqa, v_gqa, enable_gqa=True),
+            {},
+        ),
+        (
+            "padding via key_lengths",
+            lambda: qkv.attention(q, k, v, key_lengths=lengths),
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=padding),
+            {"key_lengths": lengths},
+        ),
+        (
+            "ALiBi",
+            lambda: qkv.attention(q, k, v, alibi_slopes=slopes),
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=alibi_bias),
+            {"alibi_slopes": slopes},
+        ),
+        (
+            "causal (bottom-right), L = S/2",
+            lambda: qkv.attention(q_tail, k, v, causal=True),
+            lambda: F.scaled_dot_product_attention(q_tail, k, v, attn_mask=bottom_right),
+            {"causal": True},
+        ),
     ]
     rows = []
     for name, ours, theirs, features in cases:
@@ -111,8 +131,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"qkv compare: error: {e}", file=sys.stderr)
         return 2
-    print(f"qkv vs F.scaled_dot_product_attention: B={args.batch} H={args.heads} L=S={args.length} "
-          f"D={args.head_dim}, float32, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(
+        f"qkv vs F.scaled_dot_product_attention: B={args.batch} H={args.heads} L=S={args.length} "
+        f"D={args.head_dim}, float32, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     rows = run_comparisons(args.batch, args.heads, args.length, args.head_dim, args.repeats)
     print(format_table(rows))
     worst = max(r.max_abs_diff for r in rows)

@@ -55,21 +55,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--corpus", required=True, choices=sorted(CORPORA), help="which corpus")
     gen.add_argument(
-        "--size", type=int, default=DEFAULT_SIZE, metavar="N",
+        "--size",
+        type=int,
+        default=DEFAULT_SIZE,
+        metavar="N",
         help=f"pairs in all splits together (default {DEFAULT_SIZE})",
     )
     gen.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same files")
     gen.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write (created)")
     gen.add_argument(
-        "--valid-fraction", type=float, default=DEFAULT_VALID_FRACTION, metavar="F",
+        "--valid-fraction",
+        type=float,
+        default=DEFAULT_VALID_FRACTION,
+        metavar="F",
         help=f"share held out for validation (default {DEFAULT_VALID_FRACTION})",
     )
     gen.add_argument(
-        "--test-fraction", type=float, default=DEFAULT_TEST_FRACTION, metavar="F",
+        "--test-fraction",
+        type=float,
+        default=DEFAULT_TEST_FRACTION,
+        metavar="F",
         help=f"share held out for test (default {DEFAULT_TEST_FRACTION})",
     )
     gen.add_argument(
-        "--time-limit", type=float, default=DEFAULT_TIME_LIMIT, metavar="SECONDS",
+        "--time-limit",
+        type=float,
+        default=DEFAULT_TIME_LIMIT,
+        metavar="SECONDS",
         help=f"skip an input whose conversion takes longer (default {DEFAULT_TIME_LIMIT}; 0: no limit)",
     )
     gen.set_defaults(run=run_generate)
@@ -126,9 +138,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _stats_row(label: str, stats: LengthStats) -> str:
-    return (
-        f"  {label:11} {stats.min:>6} {stats.mean:>8.1f} {stats.median:>8.1f} {stats.p95:>6} {stats.max:>6}"
-    )
+    return f"  {label:11} {stats.min:>6} {stats.mean:>8.1f} {stats.median:>8.1f} {stats.p95:>6} {stats.max:>6}"
 
 
 def run_stats(args: argparse.Namespace) -> int:

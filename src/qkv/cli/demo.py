@@ -66,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
     translator = Translator.load(out)
     results = translator.translate(sources, beam=5)
     scores = score([r.text for r in results], references)
-    print(f"{len(sources)} sentences: exact match {scores.exact_match:.1f}%, BLEU {scores.bleu:.1f}, "
-          f"chrF {scores.chrf:.1f}")
+    print(
+        f"{len(sources)} sentences: exact match {scores.exact_match:.1f}%, BLEU {scores.bleu:.1f}, "
+        f"chrF {scores.chrf:.1f}"
+    )
     print(f"  BLEU|{scores.bleu_signature}\n  {scores.chrf_name}|{scores.chrf_signature}")
 
     _section("3. Some translations, and where the model looked")
@@ -80,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
     assert first.hypothesis is not None, "the demo translates with attention"
     plot_alignment(first.hypothesis.cross_attention, first.src_tokens, first.tgt_tokens, path=plot_path)
     print(f"\nwrote the cross-attention of {first.source!r} → {first.text!r} to {plot_path}")
-    print(f"\ndone in {time.perf_counter() - start:.0f} s. Next: `qkv translate --model {out}`, "
-          f"`qkv show \"The cat sat because it was tired.\"`, `qkv explain`, `qkv bench --quick`.")
+    print(
+        f"\ndone in {time.perf_counter() - start:.0f} s. Next: `qkv translate --model {out}`, "
+        f'`qkv show "The cat sat because it was tired."`, `qkv explain`, `qkv bench --quick`.'
+    )
     return 0
 
 
@@ -89,7 +93,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
     p = sub.add_parser("demo", help="train, evaluate and show a translation model on the built-in corpus")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="model directory (default runs/demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the built-in demo config, e.g. training.max_steps=200")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the built-in demo config, e.g. training.max_steps=200",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
     p.set_defaults(run=run)

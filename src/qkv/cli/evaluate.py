@@ -57,8 +57,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         check_decoding_options(
-            beam=args.beam, length_penalty=args.length_penalty, max_tokens=args.max_tokens,
-            max_output_length=args.max_output_length, flags=True,
+            beam=args.beam,
+            length_penalty=args.length_penalty,
+            max_tokens=args.max_tokens,
+            max_output_length=args.max_output_length,
+            flags=True,
         )
         if args.hyp is not None:
             check_output_file(args.hyp, "--hyp")
@@ -89,7 +92,10 @@ def translate_all(translator: Translator, sources: list[str], args: argparse.Nam
         hyp = None if args.hyp is None else stack.enter_context(output_stream(args.hyp))
         for chunk in chunks(sources):
             results = translator.translate(
-                chunk, beam=args.beam, length_penalty=args.length_penalty, max_tokens=args.max_tokens,
+                chunk,
+                beam=args.beam,
+                length_penalty=args.length_penalty,
+                max_tokens=args.max_tokens,
                 max_output_length=args.max_output_length,
             )
             texts = [r.text for r in results]

@@ -60,17 +60,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--v", metavar="JSON", help="values, JSON rows (S, d_v)")
     p.add_argument("--tokens", nargs="+", metavar="TOKEN", help="one name per row of Q (default t1, t2, …)")
     p.add_argument(
-        "--key-tokens", nargs="+", metavar="TOKEN",
+        "--key-tokens",
+        nargs="+",
+        metavar="TOKEN",
         help="one name per row of K (default: the tokens when K has as many rows as Q, else k1, k2, …)",
     )
     p.add_argument(
-        "--file", type=Path, metavar="PATH",
+        "--file",
+        type=Path,
+        metavar="PATH",
         help="JSON file with keys q, k, v and optional tokens, key_tokens (instead of --q/--k/--v)",
     )
     p.add_argument("--causal", action="store_true", help="mask keys after each query (qkv's causal=True)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON, not the walk-through")
     p.add_argument(
-        "--force", action="store_true",
+        "--force",
+        action="store_true",
         help=f"explain even more than {MAX_SCORES:,} scores (L x S); the output grows by ~100 bytes a score",
     )
     p.set_defaults(run=run)
@@ -109,9 +114,7 @@ def read_file(path: Path) -> Inputs:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(
-            f"--file {path} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
-        ) from None
+        raise ValueError(f"--file {path} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
     except RecursionError:
         raise ValueError(f"--file {path} is nested too deeply; expected an object with matrices q, k, v") from None
     if not isinstance(data, dict):
@@ -135,9 +138,7 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     """``(q, k, v, tokens, key_tokens)`` from ``--file``, ``--q/--k/--v`` or the built-in example."""
     given = [f"--{name}" for name in MATRICES if getattr(args, name) is not None]
     if args.file is not None and given:
-        raise ValueError(
-            f"give Q, K, V either with --file or with --q/--k/--v, not both (got --file and {given[0]})"
-        )
+        raise ValueError(f"give Q, K, V either with --file or with --q/--k/--v, not both (got --file and {given[0]})")
     if given and len(given) < len(MATRICES):
         missing = [f"--{name}" for name in MATRICES if getattr(args, name) is None]
         raise ValueError(f"--q, --k and --v go together; missing {' and '.join(missing)}")
@@ -155,7 +156,9 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
         q, k, v, tokens, key_tokens = EXAMPLE_Q, EXAMPLE_K, EXAMPLE_V, list(EXAMPLE_TOKENS), None
     # Command-line names win over the file's (and the example's).
     return (
-        q, k, v,
+        q,
+        k,
+        v,
         args.tokens if args.tokens is not None else tokens,
         args.key_tokens if args.key_tokens is not None else key_tokens,
     )

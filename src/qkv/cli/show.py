@@ -60,7 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("text", metavar="TEXT", help="the text to encode")
     p.add_argument(
-        "--model", default="minilm", metavar="NAME_OR_DIR",
+        "--model",
+        default="minilm",
+        metavar="NAME_OR_DIR",
         help="'minilm' (default) or a directory with config.json, model.safetensors and tokenizer.json",
     )
     p.add_argument("--layer", type=int, metavar="L", help="the layer to show (default: all, as head averages)")
@@ -69,7 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--html", type=Path, metavar="FILE", help="write the offline head/model view page")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the tokens and every layer's and head's weights")
     p.add_argument(
-        "--top", metavar="TOKEN",
+        "--top",
+        metavar="TOKEN",
         help=f"for this token (string or index), list the {TOP_HEADS} heads attending most from it to each other token",
     )
     p.set_defaults(run=run)
@@ -174,7 +177,9 @@ def top_heads(
     """
     layers, heads = attentions.shape[:2]
     candidates = [
-        (l, h) for l in range(layers) for h in range(heads)
+        (l, h)
+        for l in range(layers)
+        for h in range(heads)
         if (layer is None or l == layer) and (head is None or h == head)
     ]
     rows = []
@@ -205,9 +210,7 @@ def render_top(
     return "\n".join(lines)
 
 
-def render_summary(
-    attentions: np.ndarray, tokens: list[str], layer: int | None, head: int | None, model: str
-) -> str:
+def render_summary(attentions: np.ndarray, tokens: list[str], layer: int | None, head: int | None, model: str) -> str:
     """For every token, the other token it attends to most: per layer, per head of ``layer``, or one head."""
     layers, heads, length, _ = attentions.shape
     if layer is None:

@@ -38,7 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", type=Path, metavar="CONFIG.yaml", help="the training configuration")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. training.lr=0.001 (value parsed as YAML); repeatable",
     )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output.dir")
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     stop = " (stopped early)" if result.stopped_early else ""
     best = (
         f"best {result.best_metric} {result.best_score:.4g} at step {result.best_step}; "
-        if result.best_score is not None else ""
+        if result.best_score is not None
+        else ""
     )
     print(f"done at step {result.step}{stop}: {best}model directory {result.output_dir} ({result.exported} weights)")
     return 0

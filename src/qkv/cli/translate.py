@@ -48,7 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beam", type=int, default=5, metavar="N", help="beam size; 1 is greedy search (default 5)")
     add_decoding_options(p)
     p.add_argument(
-        "--attention", type=Path, metavar="PLOT.png",
+        "--attention",
+        type=Path,
+        metavar="PLOT.png",
         help="save the first sentence's cross-attention alignment (.png, .svg or .pdf)",
     )
     p.set_defaults(run=run)
@@ -60,12 +62,17 @@ def add_decoding_options(p: argparse.ArgumentParser) -> None:
     from qkv.train.translate import DEFAULT_MAX_OUTPUT_LENGTH
 
     p.add_argument(
-        "--length-penalty", type=float, default=1.0, metavar="ALPHA",
+        "--length-penalty",
+        type=float,
+        default=1.0,
+        metavar="ALPHA",
         help=f"GNMT alpha, 0 to {MAX_LENGTH_PENALTY:g}; 0 ranks by probability alone (default 1.0)",
     )
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="padded tokens per batch (default 4096)")
     p.add_argument(
-        "--max-output-length", type=int, metavar="N",
+        "--max-output-length",
+        type=int,
+        metavar="N",
         help="the most tokens of a translation: 1.5 x its source tokens + 10, at most N "
         f"(default {DEFAULT_MAX_OUTPUT_LENGTH}, or fewer for a model with fewer learned positions)",
     )
@@ -135,8 +142,12 @@ def write_translations(
     for chunk in chunks(sentences):
         want_attention = args.attention is not None and first is None
         results = translator.translate(
-            chunk, beam=args.beam, length_penalty=args.length_penalty, max_tokens=args.max_tokens,
-            max_output_length=args.max_output_length, need_attention=want_attention,
+            chunk,
+            beam=args.beam,
+            length_penalty=args.length_penalty,
+            max_tokens=args.max_tokens,
+            max_output_length=args.max_output_length,
+            need_attention=want_attention,
         )
         out.write("".join(f"{r.text}\n" for r in results))
         out.flush()
@@ -154,8 +165,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         check_decoding_options(
-            beam=args.beam, length_penalty=args.length_penalty, max_tokens=args.max_tokens,
-            max_output_length=args.max_output_length, flags=True,
+            beam=args.beam,
+            length_penalty=args.length_penalty,
+            max_tokens=args.max_tokens,
+            max_output_length=args.max_output_length,
+            flags=True,
         )
         check_outputs(args)
         translator = Translator.load(args.model, device=args.device)  # before stdin: a bad --model fails at once

@@ -55,9 +55,7 @@ class LoadReport:
         limits = [f"> {self.max_chars} chars"] if self.max_chars is not None else []
         limits += [f"> {self.max_tokens} tokens"] if self.max_tokens is not None else []
         long = f"{self.dropped_long} dropped long" + (f" ({' or '.join(limits)})" if limits else "")
-        return (
-            f"{self.source}: {self.total} pairs read, {self.kept} kept, {self.dropped_empty} dropped empty, {long}"
-        )
+        return f"{self.source}: {self.total} pairs read, {self.kept} kept, {self.dropped_empty} dropped empty, {long}"
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def _read_config(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
         raise DataError(f"tokenizer {json_path} is not a JSON file: {e}") from None
     if not isinstance(config, dict) or config.get("type") not in TOKENIZERS:
         got = config.get("type") if isinstance(config, dict) else type(config).__name__
-        raise DataError(f"tokenizer {json_path}: expected a \"type\" of {', '.join(TOKENIZERS)}; got {got!r}")
+        raise DataError(f'tokenizer {json_path}: expected a "type" of {", ".join(TOKENIZERS)}; got {got!r}')
     if config.get("format") != FORMAT_VERSION:
         raise DataError(
             f"tokenizer {json_path} has format {config.get('format')!r}; this qkv reads format {FORMAT_VERSION}"
@@ -220,7 +220,7 @@ class _VocabTokenizer(Tokenizer):
     def _from_config(cls, config: dict[str, Any], json_path: Path) -> Tokenizer:
         tokens = config.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-            raise DataError(f"tokenizer {json_path}: \"tokens\" must be a list of strings")
+            raise DataError(f'tokenizer {json_path}: "tokens" must be a list of strings')
         bad = next((t for t in tokens[4:] if cls.units(t) != [t]), None)
         if bad is not None:
             raise DataError(f"tokenizer {json_path}: {bad!r} is not one {cls.kind} unit")
@@ -379,7 +379,7 @@ class SentencePieceTokenizer(Tokenizer):
     def _from_config(cls, config: dict[str, Any], json_path: Path) -> Tokenizer:
         name = config.get("model_file")
         if not isinstance(name, str) or Path(name).name != name:
-            raise DataError(f"tokenizer {json_path}: \"model_file\" must be a file name beside it; got {name!r}")
+            raise DataError(f'tokenizer {json_path}: "model_file" must be a file name beside it; got {name!r}')
         model_path = json_path.parent / name
         try:
             proto = read_regular_file(model_path, MAX_TOKENIZER_BYTES)

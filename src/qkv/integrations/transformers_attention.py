@@ -5,9 +5,9 @@ Example::
     from transformers import AutoModel
     from qkv.integrations.transformers_attention import register
 
-    register()                                     # once per process, before loading
+    register()  # once per process, before loading
     model = AutoModel.from_pretrained(path, attn_implementation="qkv")
-    out = model(**batch, output_attentions=True)    # out.attentions computed by qkv's tiled backend
+    out = model(**batch, output_attentions=True)  # out.attentions computed by qkv's tiled backend
 
 Every attention call of the model then goes through :func:`qkv.attention` with the ``"tiled"`` backend by
 default: exact, with O(L) working memory per query block instead of the O(L·S) score matrix, and the weights
@@ -84,8 +84,16 @@ def qkv_attention_forward(
     causal = "top_left" if (mask is None and is_causal and query.shape[2] > 1) else False
     need_weights = bool(kwargs.get("output_attentions", False))
     result = attention(
-        query, key, value, mask=mask, causal=causal, scale=scaling, softcap=kwargs.get("softcap"),
-        dropout=dropout, return_weights=need_weights, backend=backend,
+        query,
+        key,
+        value,
+        mask=mask,
+        causal=causal,
+        scale=scaling,
+        softcap=kwargs.get("softcap"),
+        dropout=dropout,
+        return_weights=need_weights,
+        backend=backend,
     )
     # A tuple exactly when need_weights: (out, weights).
     out, weights = result if isinstance(result, tuple) else (result, None)

@@ -217,8 +217,7 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ModelFileError(f"{path}: {e}") from None
     if bad:
         raise ModelFileError(
-            f"{path} is damaged: the SHA-256 of {_some(bad, ', ', 3)} differs from the one recorded when it "
-            "was written"
+            f"{path} is damaged: the SHA-256 of {_some(bad, ', ', 3)} differs from the one recorded when it was written"
         )
     return tensors
 

@@ -85,8 +85,13 @@ class _Layers(nn.Module):
         c = config
         self.layer = nn.ModuleList(
             TransformerEncoderLayer(
-                c.hidden_size, c.num_attention_heads, c.intermediate_size, dropout=c.hidden_dropout_prob,
-                attention_dropout=c.attention_probs_dropout_prob, activation=c.hidden_act, norm_first=False,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.intermediate_size,
+                dropout=c.hidden_dropout_prob,
+                attention_dropout=c.attention_probs_dropout_prob,
+                activation=c.hidden_act,
+                norm_first=False,
                 layer_norm_eps=c.layer_norm_eps,
             )
             for _ in range(c.num_hidden_layers)
@@ -101,10 +106,13 @@ class TransformerEncoder(nn.Module):
 
     Example::
 
-        enc = TransformerEncoder(EncoderConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
-                                               num_attention_heads=4, intermediate_size=128)).eval()
-        h = enc(input_ids, attention_mask).last_hidden_state     # (B, L, E)
-        sentence = mean_pool(h, attention_mask)                   # (B, E)
+        enc = TransformerEncoder(
+            EncoderConfig(
+                vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+            )
+        ).eval()
+        h = enc(input_ids, attention_mask).last_hidden_state  # (B, L, E)
+        sentence = mean_pool(h, attention_mask)  # (B, E)
     """
 
     model_type = "transformer_encoder"

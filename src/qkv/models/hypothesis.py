@@ -65,7 +65,6 @@ def eval_no_grad(model: Seq2SeqModel) -> Iterator[None]:
             module.train()
 
 
-
 def length_limits(
     src: torch.Tensor, src_lengths: torch.Tensor, max_len: int | None, ratio: float, extra: int
 ) -> list[int]:
@@ -79,9 +78,7 @@ def length_limits(
             if isinstance(src_lengths, torch.Tensor)
             else type(src_lengths).__name__
         )
-        raise ValueError(
-            f"src_lengths must be an integer tensor of shape (B,) = ({src.shape[0]},); got {got_lengths}"
-        )
+        raise ValueError(f"src_lengths must be an integer tensor of shape (B,) = ({src.shape[0]},); got {got_lengths}")
     lengths = src_lengths.tolist()
     if min(lengths) < 1 or max(lengths) > src.shape[1]:
         raise ValueError(

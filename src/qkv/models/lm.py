@@ -81,15 +81,15 @@ def sample_next(
 
 def check_sampling(temperature: object, top_k: object, top_p: object) -> None:
     """Errors naming the sampling argument that is out of range."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        math.isfinite(temperature) and temperature >= 0
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (math.isfinite(temperature) and temperature >= 0)
     ):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None; got {top_k!r}")
-    if top_p is not None and (
-        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0
-    ):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None; got {top_p!r}")
 
 
@@ -102,7 +102,7 @@ class TransformerLM(nn.Module):
     Example::
 
         lm = TransformerLM(LMConfig(vocab_size=100, d_model=64, num_heads=4, num_layers=2)).eval()
-        logits = lm(tokens)                                   # tokens: (B, T) → (B, T, V)
+        logits = lm(tokens)  # tokens: (B, T) → (B, T, V)
         text = lm.generate(prompt, 20, temperature=0.8, top_p=0.9)
     """
 
@@ -118,9 +118,17 @@ class TransformerLM(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
         self.layers = nn.ModuleList(
             TransformerEncoderLayer(
-                c.d_model, c.num_heads, c.ffn_dim, kv_heads=c.kv_heads, dropout=c.dropout,
-                attention_dropout=c.attention_dropout, activation_dropout=c.activation_dropout,
-                activation=c.activation, norm_first=c.norm_first, layer_norm_eps=c.layer_norm_eps, rotary=rotary,
+                c.d_model,
+                c.num_heads,
+                c.ffn_dim,
+                kv_heads=c.kv_heads,
+                dropout=c.dropout,
+                attention_dropout=c.attention_dropout,
+                activation_dropout=c.activation_dropout,
+                activation=c.activation,
+                norm_first=c.norm_first,
+                layer_norm_eps=c.layer_norm_eps,
+                rotary=rotary,
             )
             for _ in range(c.num_layers)
         )
@@ -173,7 +181,10 @@ class TransformerLM(nn.Module):
         weights = []
         for i, layer in enumerate(self.layers):
             x, w = layer(
-                x, key_lengths=lengths, causal=True, cache=None if state is None else state.caches[i],
+                x,
+                key_lengths=lengths,
+                causal=True,
+                cache=None if state is None else state.caches[i],
                 need_weights=need_attention,
             )
             weights.append(w)

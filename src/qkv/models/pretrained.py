@@ -23,7 +23,7 @@ Example::
     pretrained = load_pretrained("minilm")
     batch = pretrained.tokenizer(["The cat sat.", "It was tired."])
     out = pretrained.model(batch.input_ids, batch.attention_mask, need_attention=True)
-    sentences = mean_pool(out.last_hidden_state, batch.attention_mask)   # (2, 384)
+    sentences = mean_pool(out.last_hidden_state, batch.attention_mask)  # (2, 384)
 """
 
 from __future__ import annotations
@@ -57,19 +57,69 @@ NAMED_MODELS: dict[str, tuple[str, str, str]] = {
 
 # config.json keys of Hugging Face's PretrainedConfig that say nothing about the encoder's computation
 # (bookkeeping, training, generation and task-head settings): dropped.
-HF_ONLY_KEYS = frozenset({
-    "_name_or_path", "transformers_version", "architectures", "model_type", "torch_dtype", "dtype",
-    "gradient_checkpointing", "initializer_range", "use_cache", "classifier_dropout", "tie_word_embeddings",
-    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss",
-    "chunk_size_feed_forward", "id2label", "label2id", "num_labels", "problem_type", "finetuning_task",
-    "tokenizer_class", "prefix", "task_specific_params", "bos_token_id", "eos_token_id", "sep_token_id",
-    "cls_token_id", "mask_token_id", "decoder_start_token_id", "max_length", "min_length", "do_sample",
-    "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
-    "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
-    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
-    "begin_suppress_tokens", "tie_encoder_decoder", "_attn_implementation_autoset",
-})
+HF_ONLY_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "transformers_version",
+        "architectures",
+        "model_type",
+        "torch_dtype",
+        "dtype",
+        "gradient_checkpointing",
+        "initializer_range",
+        "use_cache",
+        "classifier_dropout",
+        "tie_word_embeddings",
+        "return_dict",
+        "output_hidden_states",
+        "output_attentions",
+        "torchscript",
+        "use_bfloat16",
+        "tf_legacy_loss",
+        "chunk_size_feed_forward",
+        "id2label",
+        "label2id",
+        "num_labels",
+        "problem_type",
+        "finetuning_task",
+        "tokenizer_class",
+        "prefix",
+        "task_specific_params",
+        "bos_token_id",
+        "eos_token_id",
+        "sep_token_id",
+        "cls_token_id",
+        "mask_token_id",
+        "decoder_start_token_id",
+        "max_length",
+        "min_length",
+        "do_sample",
+        "early_stopping",
+        "num_beams",
+        "num_beam_groups",
+        "diversity_penalty",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
+        "repetition_penalty",
+        "length_penalty",
+        "no_repeat_ngram_size",
+        "encoder_no_repeat_ngram_size",
+        "bad_words_ids",
+        "num_return_sequences",
+        "output_scores",
+        "return_dict_in_generate",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "remove_invalid_values",
+        "exponential_decay_length_penalty",
+        "suppress_tokens",
+        "begin_suppress_tokens",
+        "tie_encoder_decoder",
+        "_attn_implementation_autoset",
+    }
+)
 # config.json keys that change the architecture: the values TransformerEncoder computes (the first is
 # BertConfig's default). Any other value is an unsupported setting.
 SUPPORTED_VALUES: dict[str, tuple[Any, ...]] = {

@@ -101,9 +101,7 @@ class RNNConfig:
         if self.pad_id >= self.src_vocab_size:
             raise ValueError(f"RNNConfig.pad_id must be < src_vocab_size={self.src_vocab_size}; got {self.pad_id}")
         if len({self.pad_id, self.bos_id, self.eos_id}) != 3:
-            raise ValueError(
-                f"pad_id, bos_id and eos_id must differ; got {self.pad_id}, {self.bos_id}, {self.eos_id}"
-            )
+            raise ValueError(f"pad_id, bos_id and eos_id must differ; got {self.pad_id}, {self.bos_id}, {self.eos_id}")
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-serializable."""
@@ -306,9 +304,7 @@ class RNNSeq2Seq(nn.Module):
         kwargs: dict[str, torch.Tensor] = {}
         if "projected_keys" in encoder_out.extras:
             kwargs["projected_keys"] = encoder_out.extras["projected_keys"]
-        context, weights = self.attention(
-            query, encoder_out.memory, key_lengths=encoder_out.src_lengths, **kwargs
-        )
+        context, weights = self.attention(query, encoder_out.memory, key_lengths=encoder_out.src_lengths, **kwargs)
         vector = torch.tanh(self.attentional_layer(torch.cat([context, query], dim=-1)))
         return self.dropout(vector), weights
 

@@ -250,9 +250,7 @@ def _split_candidates(
     return live, eos
 
 
-def _settled(
-    ended: list[Hypothesis], best_live: float, length: int, limit: int, beam: int, alpha: float
-) -> bool:
+def _settled(ended: list[Hypothesis], best_live: float, length: int, limit: int, beam: int, alpha: float) -> bool:
     """Whether ``beam`` hypotheses have ended and none of the live ones (of summed log-probability at most
     ``best_live``, ``length`` steps so far) can end with a score above the ``beam``-th best of them."""
     if len(ended) < beam:

@@ -132,8 +132,13 @@ class _Stack(nn.Module):
     """Embeddings, layers and (pre-LN) final norm of one side of the model."""
 
     def __init__(
-        self, embed_tokens: nn.Embedding, embed_positions: nn.Module | None, layers: list[nn.Module], norm: bool,
-        d_model: int, eps: float,
+        self,
+        embed_tokens: nn.Embedding,
+        embed_positions: nn.Module | None,
+        layers: list[nn.Module],
+        norm: bool,
+        d_model: int,
+        eps: float,
     ) -> None:
         super().__init__()
         self.embed_tokens = embed_tokens
@@ -180,9 +185,9 @@ class TransformerSeq2Seq(nn.Module):
     Example::
 
         model = TransformerSeq2Seq(TransformerConfig(src_vocab_size=100, tgt_vocab_size=100, d_model=64))
-        enc = model.encode(src, src_lengths)                      # src: (B, S)
+        enc = model.encode(src, src_lengths)  # src: (B, S)
         state = model.start_state(enc)
-        out = model.decode_step(torch.full((B, 1), model.bos_id), enc, state)   # out.logits: (B, 1, V)
+        out = model.decode_step(torch.full((B, 1), model.bos_id), enc, state)  # out.logits: (B, 1, V)
     """
 
     model_type = "transformer_seq2seq"
@@ -194,26 +199,40 @@ class TransformerSeq2Seq(nn.Module):
         self.config = c = config
         self.pad_id, self.bos_id, self.eos_id = c.pad_id, c.bos_id, c.eos_id
         layer_args: _LayerArgs = {
-            "kv_heads": c.kv_heads, "dropout": c.dropout, "attention_dropout": c.attention_dropout,
-            "activation_dropout": c.activation_dropout, "activation": c.activation, "norm_first": c.norm_first,
+            "kv_heads": c.kv_heads,
+            "dropout": c.dropout,
+            "attention_dropout": c.attention_dropout,
+            "activation_dropout": c.activation_dropout,
+            "activation": c.activation,
+            "norm_first": c.norm_first,
             "layer_norm_eps": c.layer_norm_eps,
         }
 
         src_positions, rotary = positional_modules(c.positional, c.d_model, c.num_heads, c.max_positions)
         src_embed = nn.Embedding(c.src_vocab_size, c.d_model)
         self.encoder = _Stack(
-            src_embed, src_positions,
-            [TransformerEncoderLayer(c.d_model, c.num_heads, c.ffn_dim, rotary=rotary, **layer_args)
-             for _ in range(c.encoder_layers)],
-            c.norm_first, c.d_model, c.layer_norm_eps,
+            src_embed,
+            src_positions,
+            [
+                TransformerEncoderLayer(c.d_model, c.num_heads, c.ffn_dim, rotary=rotary, **layer_args)
+                for _ in range(c.encoder_layers)
+            ],
+            c.norm_first,
+            c.d_model,
+            c.layer_norm_eps,
         )
         tgt_positions, _ = positional_modules(c.positional, c.d_model, c.num_heads, c.max_positions)
         tgt_embed = src_embed if c.shared_vocab else nn.Embedding(c.tgt_vocab_size, c.d_model)
         self.decoder = _DecoderStack(
-            tgt_embed, tgt_positions,
-            [TransformerDecoderLayer(c.d_model, c.num_heads, c.ffn_dim, rotary=rotary, **layer_args)
-             for _ in range(c.decoder_layers)],
-            c.norm_first, c.d_model, c.layer_norm_eps,
+            tgt_embed,
+            tgt_positions,
+            [
+                TransformerDecoderLayer(c.d_model, c.num_heads, c.ffn_dim, rotary=rotary, **layer_args)
+                for _ in range(c.decoder_layers)
+            ],
+            c.norm_first,
+            c.d_model,
+            c.layer_norm_eps,
         )
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -311,7 +330,9 @@ class TransformerSeq2Seq(nn.Module):
         self_weights, cross_weights = [], []
         for i, layer in enumerate(self.decoder.layers):
             x, sw, cw = layer(
-                x, encoder_out.memory, memory_lengths=encoder_out.src_lengths,
+                x,
+                encoder_out.memory,
+                memory_lengths=encoder_out.src_lengths,
                 self_cache=None if state is None else state.self_caches[i],
                 cross_cache=None if state is None else state.cross_caches[i],
                 need_weights=need_attention,

@@ -34,7 +34,7 @@ class KVCache:
 
         cache = KVCache()
         for t in range(x.shape[1]):
-            y, _ = mha(x[:, t : t + 1], cache=cache, causal=True)   # y: (B, 1, E)
+            y, _ = mha(x[:, t : t + 1], cache=cache, causal=True)  # y: (B, 1, E)
     """
 
     def __init__(self, *, static: bool = False) -> None:
@@ -130,6 +130,4 @@ def _check_pair(k: torch.Tensor, v: torch.Tensor) -> None:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a 4-D tensor (B, Hkv, S, D); got {got}")
     if k.shape[:3] != v.shape[:3]:
-        raise ValueError(
-            f"k has shape {tuple(k.shape)} and v {tuple(v.shape)}; their (B, Hkv, S) must be equal"
-        )
+        raise ValueError(f"k has shape {tuple(k.shape)} and v {tuple(v.shape)}; their (B, Hkv, S) must be equal")

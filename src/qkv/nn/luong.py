@@ -79,9 +79,7 @@ def check_seq2seq_inputs(
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if query.ndim not in (2, 3) or query.shape[-1] != query_dim:
-        raise ValueError(
-            f"query must have shape (B, L, Dq) or (B, Dq) with Dq={query_dim}; got {tuple(query.shape)}"
-        )
+        raise ValueError(f"query must have shape (B, L, Dq) or (B, Dq) with Dq={query_dim}; got {tuple(query.shape)}")
     if keys.ndim != 3 or keys.shape[-1] != key_dim:
         raise ValueError(f"keys must have shape (B, S, Dk) with Dk={key_dim}; got {tuple(keys.shape)}")
     if keys.shape[0] != query.shape[0]:

@@ -228,8 +228,14 @@ class MultiHeadAttention(nn.Module):
         if self.rotary is not None:
             q = self.rotary(q, offset)
         result = attention(
-            q, k, v, mask=mask, key_lengths=key_lengths, causal=causal,
-            dropout=self.dropout if self.training else 0.0, return_weights=need_weights,
+            q,
+            k,
+            v,
+            mask=mask,
+            key_lengths=key_lengths,
+            causal=causal,
+            dropout=self.dropout if self.training else 0.0,
+            return_weights=need_weights,
         )
         out, weights = result if need_weights else (result, None)
         assert isinstance(out, torch.Tensor)
@@ -272,8 +278,7 @@ class MultiHeadAttention(nn.Module):
             )
         if value.shape[:2] != key.shape[:2]:
             raise ValueError(
-                f"value has shape {tuple(value.shape)} but key has {tuple(key.shape)}; "
-                "their (B, S) must be equal"
+                f"value has shape {tuple(value.shape)} but key has {tuple(key.shape)}; their (B, S) must be equal"
             )
         return key, value
 

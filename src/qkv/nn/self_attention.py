@@ -2,9 +2,9 @@
 
 Equivalent to the following, for ``x: (B, L, E)``::
 
-    q, k, v = q_proj(x), k_proj(x), v_proj(x)              # (B, L, E) each
-    weights = softmax(q @ k.transpose(-2, -1) / sqrt(E) + masks, dim=-1)   # (B, L, L)
-    out = out_proj(weights @ v)                             # (B, L, E)
+    q, k, v = q_proj(x), k_proj(x), v_proj(x)  # (B, L, E) each
+    weights = softmax(q @ k.transpose(-2, -1) / sqrt(E) + masks, dim=-1)  # (B, L, L)
+    out = out_proj(weights @ v)  # (B, L, E)
 """
 
 from __future__ import annotations
@@ -66,23 +66,17 @@ class SelfAttention(nn.Module):
         batch, length, _ = x.shape
         if mask is not None:
             if not isinstance(mask, torch.Tensor):
-                raise TypeError(
-                    f"mask must be a torch.Tensor (bool or float) or None; got {type(mask).__name__}"
-                )
+                raise TypeError(f"mask must be a torch.Tensor (bool or float) or None; got {type(mask).__name__}")
             target = (batch, length, length)
             if not _broadcasts_to(mask, target):
-                raise ValueError(
-                    f"mask of shape {tuple(mask.shape)} is not broadcastable to (B, L, L) = {target}"
-                )
+                raise ValueError(f"mask of shape {tuple(mask.shape)} is not broadcastable to (B, L, L) = {target}")
             mask = mask.reshape((1,) * (3 - mask.ndim) + tuple(mask.shape)).unsqueeze(1)
 
         # One head: (B, 1, L, E).
         q = self.q_proj(x).unsqueeze(1)
         k = self.k_proj(x).unsqueeze(1)
         v = self.v_proj(x).unsqueeze(1)
-        out, weights = attention(
-            q, k, v, mask=mask, key_lengths=key_lengths, causal=causal, return_weights=True
-        )
+        out, weights = attention(q, k, v, mask=mask, key_lengths=key_lengths, causal=causal, return_weights=True)
         return self.out_proj(out.squeeze(1)), weights.squeeze(1)
 
 

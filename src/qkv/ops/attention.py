@@ -184,12 +184,27 @@ def attention(
     """
     backend = check_backend(backend)
     spec = build_spec(
-        q, k, v, mask=mask, key_lengths=key_lengths, causal=causal, window=window, scale=scale,
-        alibi_slopes=alibi_slopes, softcap=softcap, dropout=dropout,
+        q,
+        k,
+        v,
+        mask=mask,
+        key_lengths=key_lengths,
+        causal=causal,
+        window=window,
+        scale=scale,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        dropout=dropout,
     )
     choice = choose_backend(
-        spec, backend, return_weights=return_weights, return_lse=return_lse, generator=generator,
-        device=q.device, dtype=q.dtype, inputs_require_grad=_require_grad(q, k, v),
+        spec,
+        backend,
+        return_weights=return_weights,
+        return_lse=return_lse,
+        generator=generator,
+        device=q.device,
+        dtype=q.dtype,
+        inputs_require_grad=_require_grad(q, k, v),
     )
     k, v = drop_unreachable(k, v, spec)
     if choice.backend == "torch":
@@ -234,8 +249,14 @@ def explain_backend(
     backend = check_backend(backend)
     spec = build_spec(q, k, v, **features)  # type: ignore[arg-type]
     return choose_backend(
-        spec, backend, return_weights=return_weights, return_lse=return_lse, generator=generator,
-        device=q.device, dtype=q.dtype, inputs_require_grad=_require_grad(q, k, v),
+        spec,
+        backend,
+        return_weights=return_weights,
+        return_lse=return_lse,
+        generator=generator,
+        device=q.device,
+        dtype=q.dtype,
+        inputs_require_grad=_require_grad(q, k, v),
     )
 
 

@@ -102,9 +102,7 @@ def choose_backend(
     if backend == "triton":
         why_not_triton = _triton_reason(spec, device, dtype)
         if why_not_triton is not None:
-            raise ValueError(
-                f"backend='triton' cannot run this call: {why_not_triton}; use 'auto', 'tiled' or 'math'"
-            )
+            raise ValueError(f"backend='triton' cannot run this call: {why_not_triton}; use 'auto', 'tiled' or 'math'")
         return BackendChoice("triton", "requested: fused Triton kernels, O(N) memory")
     if backend == "torch":
         if why_not_sdpa is not None:
@@ -117,14 +115,21 @@ def choose_backend(
     if why_not_sdpa is None:
         return BackendChoice("torch", "SDPA's fused kernel covers every feature of this call")
     if needs_graph_through_extras:
-        return BackendChoice("math", f"{why_not_sdpa}; the weights/lse are asked for while q, k or v require "
-                             "grad, and only the reference path differentiates them")
+        return BackendChoice(
+            "math",
+            f"{why_not_sdpa}; the weights/lse are asked for while q, k or v require "
+            "grad, and only the reference path differentiates them",
+        )
     if device is not None and device.type == "cuda" and _triton_reason(spec, device, dtype) is None:
-        return BackendChoice("triton", f"{why_not_sdpa}; the fused Triton kernels compute it exactly on the GPU "
-                             "in O(N) memory")
+        return BackendChoice(
+            "triton", f"{why_not_sdpa}; the fused Triton kernels compute it exactly on the GPU in O(N) memory"
+        )
     if spec.q_len * spec.kv_len <= TINY_SCORES or spec.is_empty:
-        return BackendChoice("math", f"{why_not_sdpa}; the input is tiny (L·S <= {TINY_SCORES}), where the "
-                             "reference path has the least overhead")
+        return BackendChoice(
+            "math",
+            f"{why_not_sdpa}; the input is tiny (L·S <= {TINY_SCORES}), where the "
+            "reference path has the least overhead",
+        )
     if why_not_tiled is None:
         return BackendChoice("tiled", f"{why_not_sdpa}; tiled computes it exactly in O(N) memory")
     return BackendChoice("math", f"{why_not_sdpa}, and {why_not_tiled}; the reference path supports it")

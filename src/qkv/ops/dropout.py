@@ -41,9 +41,7 @@ def seed_keys(seed: int) -> tuple[int, int]:
     return k1, mix32(k1 ^ _GOLDEN) | 1
 
 
-def keep_mask(
-    spec: AttentionSpec, seed: int, r0: int, r1: int, c0: int, c1: int, device: torch.device
-) -> torch.Tensor:
+def keep_mask(spec: AttentionSpec, seed: int, r0: int, r1: int, c0: int, c1: int, device: torch.device) -> torch.Tensor:
     """Bool ``(..., H, r, c)``: which weights of rows ``[r0, r1)`` and columns ``[c0, c1)`` survive.
 
     Weight ``(b·h, i, j)`` has linear index ``n = (b·h · L + i) · S + j`` and survives when

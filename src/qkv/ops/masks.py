@@ -122,9 +122,7 @@ def reachable_keys(spec: AttentionSpec, device: torch.device) -> torch.Tensor | 
     return reachable.reshape(*reachable.shape[:-1], 1, s, 1)
 
 
-def drop_unreachable(
-    k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
-) -> tuple[torch.Tensor, torch.Tensor]:
+def drop_unreachable(k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """``k, v`` with the keys and values no query may attend set to zero.
 
     A masked-out key or value must never influence the output, even when it holds NaN or inf (padding
@@ -190,7 +188,7 @@ def modify_scores(
         scores = scores.add_(bias) if inplace else scores + bias
     allowed = block_allowed(spec, r0, r1, c0, c1, scores.device, positional=positional, lengths=lengths)
     if allowed is not None:
-        scores = scores.masked_fill_(~allowed, float("-inf")) if inplace else scores.masked_fill(
-            ~allowed, float("-inf")
+        scores = (
+            scores.masked_fill_(~allowed, float("-inf")) if inplace else scores.masked_fill(~allowed, float("-inf"))
         )
     return scores

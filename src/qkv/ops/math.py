@@ -2,13 +2,13 @@
 
 Equivalent to the following, for ``q: (..., H, L, D)``, ``k: (..., Hkv, S, D)``, ``v: (..., Hkv, S, Dv)``::
 
-    scores = scale * q @ k.transpose(-2, -1)          # (..., H, L, S), K/V heads shared by groups
-    scores = softcap * tanh(scores / softcap)          # if softcap
-    scores = scores + alibi_bias + float_mask          # if given
-    scores = scores.masked_fill(~allowed, -inf)        # bool mask, key_lengths, causal, window
-    weights = softmax(scores, dim=-1)                  # rows with no allowed key: all zeros
-    weights = weights * keep / (1 - dropout)           # if dropout
-    out = weights @ v                                  # (..., H, L, Dv)
+    scores = scale * q @ k.transpose(-2, -1)  # (..., H, L, S), K/V heads shared by groups
+    scores = softcap * tanh(scores / softcap)  # if softcap
+    scores = scores + alibi_bias + float_mask  # if given
+    scores = scores.masked_fill(~allowed, -inf)  # bool mask, key_lengths, causal, window
+    weights = softmax(scores, dim=-1)  # rows with no allowed key: all zeros
+    weights = weights * keep / (1 - dropout)  # if dropout
+    out = weights @ v  # (..., H, L, Dv)
 
 Half-precision inputs are computed in float32 and the output cast back.
 """
@@ -93,7 +93,11 @@ def batched_by_legacy_vmap(t: torch.Tensor) -> bool:
 
 
 def reference_gradients(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: torch.Tensor, spec: AttentionSpec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    d_out: torch.Tensor,
+    spec: AttentionSpec,
     seed: int | None,
 ) -> tuple[torch.Tensor, ...]:
     """``(dq, dk, dv)`` of ``out`` for the output gradient ``d_out``, through the reference formula.

@@ -66,9 +66,7 @@ def sdpa_mask(spec: AttentionSpec, device: torch.device, dtype: torch.dtype) -> 
     return bias, False
 
 
-def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
-) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     """Attention through SDPA. Shapes as :func:`qkv.attention`; returns ``(..., H, L, Dv)``.
 
     A scale ``<= 0`` is folded into ``q`` (``scale·q·k = |scale|·(−q)·k``, and ``0·q`` for zero):

@@ -99,9 +99,7 @@ class AttentionSpec:
     @property
     def only_top_left_causal(self) -> bool:
         """:attr:`top_left_causal` with no other mask or bias: ``is_causal=True`` is the whole call."""
-        return (
-            self.top_left_causal and self.mask is None and self.key_lengths is None and self.alibi_slopes is None
-        )
+        return self.top_left_causal and self.mask is None and self.key_lengths is None and self.alibi_slopes is None
 
 
 def flatten_batch(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
@@ -150,18 +148,14 @@ def _check_qkv(q: object, k: object, v: object) -> None:
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must be on one device")
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(
-            f"k has head dimension D={k.shape[-1]} but q has D={q.shape[-1]}; q·k needs them equal"
-        )
+        raise ValueError(f"k has head dimension D={k.shape[-1]} but q has D={q.shape[-1]}; q·k needs them equal")
     if v.shape[-2] != k.shape[-2]:
         raise ValueError(f"v has S={v.shape[-2]} keys/values but k has S={k.shape[-2]}; they must be equal")
     if v.shape[-3] != k.shape[-3]:
         raise ValueError(f"v has {v.shape[-3]} heads but k has {k.shape[-3]}; they must be equal")
     h, hkv = q.shape[-3], k.shape[-3]
     if hkv == 0 or h % hkv != 0:
-        raise ValueError(
-            f"q has {h} heads but k has {hkv}; {h} must be a multiple of {hkv} (grouped-query attention)"
-        )
+        raise ValueError(f"q has {h} heads but k has {hkv}; {h} must be a multiple of {hkv} (grouped-query attention)")
 
 
 def _check_mask(mask: object, q: torch.Tensor, target: tuple[int, ...]) -> torch.Tensor | None:
@@ -170,8 +164,9 @@ def _check_mask(mask: object, q: torch.Tensor, target: tuple[int, ...]) -> torch
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor (bool or float) or None; got {type(mask).__name__}")
     if mask.dtype != torch.bool and mask.dtype not in (q.dtype, torch.float32):
-        allowed = "torch.bool, " + (f"{q.dtype} (q's dtype) or torch.float32" if q.dtype != torch.float32
-                                    else "torch.float32")
+        allowed = "torch.bool, " + (
+            f"{q.dtype} (q's dtype) or torch.float32" if q.dtype != torch.float32 else "torch.float32"
+        )
         raise TypeError(f"mask has dtype {mask.dtype}; expected {allowed}")
     if mask.device != q.device:
         raise ValueError(f"mask is on {mask.device} but q is on {q.device}; they must be on one device")
@@ -201,8 +196,7 @@ def _check_key_lengths(
         raise TypeError(f"key_lengths must be an integer tensor; got dtype {key_lengths.dtype}")
     if tuple(key_lengths.shape) != batch_shape:
         raise ValueError(
-            f"key_lengths has shape {_shape(key_lengths.shape)}; expected the batch shape of q, "
-            f"{_shape(batch_shape)}"
+            f"key_lengths has shape {_shape(key_lengths.shape)}; expected the batch shape of q, {_shape(batch_shape)}"
         )
     if key_lengths.device != device:
         raise ValueError(f"key_lengths is on {key_lengths.device} but q is on {device}; they must match")
@@ -228,9 +222,7 @@ def _check_window(window: object) -> tuple[int | None, int | None]:
     return (None if left == -1 else left), (None if right == -1 else right)
 
 
-def _check_alibi(
-    slopes: object, batch_shape: tuple[int, ...], heads: int, device: torch.device
-) -> torch.Tensor | None:
+def _check_alibi(slopes: object, batch_shape: tuple[int, ...], heads: int, device: torch.device) -> torch.Tensor | None:
     if slopes is None:
         return None
     if not isinstance(slopes, torch.Tensor) or not slopes.dtype.is_floating_point:

@@ -42,8 +42,15 @@ def _forward(
 
 
 def _backward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    d_out: torch.Tensor, spec: AttentionSpec, seed: int | None, kernel: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    d_out: torch.Tensor,
+    spec: AttentionSpec,
+    seed: int | None,
+    kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of one call; all in the compute dtype."""
     if kernel == "fused":
@@ -52,8 +59,11 @@ def _backward(
 
 
 def _per_slice(
-    fn: Callable[..., tuple[torch.Tensor, ...]], batch_size: int, in_dims: tuple[int | None, ...],
-    tensors: tuple[torch.Tensor, ...], *args: object,
+    fn: Callable[..., tuple[torch.Tensor, ...]],
+    batch_size: int,
+    in_dims: tuple[int | None, ...],
+    tensors: tuple[torch.Tensor, ...],
+    *args: object,
 ) -> tuple[torch.Tensor, ...]:
     """A vmap rule: ``fn`` on each slice of the vmapped dimension, results stacked along dim 0.
 
@@ -76,7 +86,12 @@ class TiledAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, seed: int | None, kernel: str,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        spec: AttentionSpec,
+        seed: int | None,
+        kernel: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return _forward(q, k, v, spec, seed, kernel)
 
@@ -101,8 +116,14 @@ class TiledAttention(torch.autograd.Function):
 
     @staticmethod
     def vmap(
-        info: Any, in_dims: tuple[int | None, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        spec: AttentionSpec, seed: int | None, kernel: str,
+        info: Any,
+        in_dims: tuple[int | None, ...],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        spec: AttentionSpec,
+        seed: int | None,
+        kernel: str,
     ) -> tuple[tuple[torch.Tensor, ...], tuple[int, int]]:
         outs = _per_slice(_forward, info.batch_size, in_dims[:3], (q, k, v), spec, seed, kernel)
         return outs, (0, 0)
@@ -116,8 +137,15 @@ class TiledAttentionBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-        d_out: torch.Tensor, spec: AttentionSpec, seed: int | None, kernel: str,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        d_out: torch.Tensor,
+        spec: AttentionSpec,
+        seed: int | None,
+        kernel: str,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _backward(q, k, v, out, lse, d_out.to(q.dtype), spec, seed, kernel)
 
@@ -134,20 +162,38 @@ class TiledAttentionBackward(torch.autograd.Function):
 
     @staticmethod
     def vmap(
-        info: Any, in_dims: tuple[int | None, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, spec: AttentionSpec, seed: int | None,
+        info: Any,
+        in_dims: tuple[int | None, ...],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        d_out: torch.Tensor,
+        spec: AttentionSpec,
+        seed: int | None,
         kernel: str,
     ) -> tuple[tuple[torch.Tensor, ...], tuple[int, int, int]]:
         grads = _per_slice(
-            lambda *t: TiledAttentionBackward.forward(*t), info.batch_size, in_dims[:6],
-            (q, k, v, out, lse, d_out), spec, seed, kernel,
+            lambda *t: TiledAttentionBackward.forward(*t),
+            info.batch_size,
+            in_dims[:6],
+            (q, k, v, out, lse, d_out),
+            spec,
+            seed,
+            kernel,
         )
         return grads, (0, 0, 0)
 
 
 def tiled_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, seed: int | None,
-    return_weights: bool, kernel: str | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: AttentionSpec,
+    seed: int | None,
+    return_weights: bool,
+    kernel: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Tiled attention: ``(out, weights or None, lse)``; ``out`` is differentiable in q, k, v, the
     weights and lse are not (:func:`qkv.attention` takes differentiable ones from the reference).

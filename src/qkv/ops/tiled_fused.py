@@ -69,7 +69,9 @@ def kernel_query_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, flo
 
 def _needs_mask(spec: AttentionSpec) -> bool:
     return not spec.only_top_left_causal and (
-        spec.has_positional_mask or spec.mask is not None or spec.key_lengths is not None
+        spec.has_positional_mask
+        or spec.mask is not None
+        or spec.key_lengths is not None
         or spec.alibi_slopes is not None
     )
 
@@ -89,8 +91,15 @@ def fused_block_sizes(spec: AttentionSpec) -> tuple[int, int]:
 
 
 def _mask_block(
-    spec: AttentionSpec, r0: int, r1: int, c0: int, c1: int, positional: bool, lengths: bool,
-    dtype: torch.dtype, device: torch.device,
+    spec: AttentionSpec,
+    r0: int,
+    r1: int,
+    c0: int,
+    c1: int,
+    positional: bool,
+    lengths: bool,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The block's additive mask ``(B|1, H|1, r, c)`` (``-inf`` = not allowed), or ``None``, and the rows
     ``(B|1, H|1, r)`` that allow no key at all (``None`` when no row can be empty, e.g. ALiBi alone)."""
@@ -128,8 +137,12 @@ def fused_forward(
                 spec, r0, r1, c0, c1, positional and not is_causal, lengths, q.dtype, q.device
             )
             o, l = _FORWARD(
-                q4[:, :, r0:r1], k4[:, :, c0:c1], v4[:, :, c0:c1],
-                is_causal=is_causal, attn_mask=mask, scale=scale,
+                q4[:, :, r0:r1],
+                k4[:, :, c0:c1],
+                v4[:, :, c0:c1],
+                is_causal=is_causal,
+                attn_mask=mask,
+                scale=scale,
             )
             if empty_rows is not None:
                 # The kernel reports lse = 0 for rows with no allowed key; in qkv that is -inf.
@@ -150,8 +163,15 @@ def fused_forward(
 
 
 def fused_backward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    d_out: torch.Tensor, spec: AttentionSpec, bq: int, bk: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    d_out: torch.Tensor,
+    spec: AttentionSpec,
+    bq: int,
+    bk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass, block by block with the final ``out`` and ``lse``; all in the compute dtype."""
     q4, k4, v4, o4, g4 = (kernel_layout(flatten_batch(t, spec)) for t in (q, k, v, out, d_out))
@@ -167,8 +187,16 @@ def fused_backward(
         for c0, c1, positional, lengths in plan.key_blocks(r0, r1):
             mask, _ = _mask_block(spec, r0, r1, c0, c1, positional and not is_causal, lengths, q.dtype, q.device)
             dq_b, dk_b, dv_b = _BACKWARD(
-                g4[:, :, r0:r1], q4[:, :, r0:r1], k4[:, :, c0:c1], v4[:, :, c0:c1], o4[:, :, r0:r1],
-                lse3[:, :, r0:r1], 0.0, is_causal, attn_mask=mask, scale=scale,
+                g4[:, :, r0:r1],
+                q4[:, :, r0:r1],
+                k4[:, :, c0:c1],
+                v4[:, :, c0:c1],
+                o4[:, :, r0:r1],
+                lse3[:, :, r0:r1],
+                0.0,
+                is_causal,
+                attn_mask=mask,
+                scale=scale,
             )
             dq[:, :, r0:r1] += dq_b
             dk[:, :, c0:c1] += dk_b

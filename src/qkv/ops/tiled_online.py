@@ -23,8 +23,15 @@ from qkv.ops.spec import AttentionSpec
 
 
 def _scores(
-    q_blk: torch.Tensor, k_t: torch.Tensor, plan: BlockPlan, r0: int, r1: int,
-    c0: int, c1: int, positional: bool, lengths: bool,
+    q_blk: torch.Tensor,
+    k_t: torch.Tensor,
+    plan: BlockPlan,
+    r0: int,
+    r1: int,
+    c0: int,
+    c1: int,
+    positional: bool,
+    lengths: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Modified scores ``(..., Hkv, G·r, c)`` of a block and, if soft-capped, ``tanh`` of it for backward."""
     s = q_blk @ k_t[..., c0:c1]
@@ -48,8 +55,13 @@ def _dropout_scale(
 
 
 def online_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, seed: int | None,
-    bq: int, bk: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: AttentionSpec,
+    seed: int | None,
+    bq: int,
+    bk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward pass. Inputs in the compute dtype; returns out ``(..., H, L, Dv)``, lse ``(..., H, L)``."""
     plan = BlockPlan(spec, bk)
@@ -84,8 +96,16 @@ def online_forward(
 
 
 def online_backward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    d_out: torch.Tensor, spec: AttentionSpec, seed: int | None, bq: int, bk: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    d_out: torch.Tensor,
+    spec: AttentionSpec,
+    seed: int | None,
+    bq: int,
+    bk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward pass by recomputation from ``lse``; all tensors in the compute dtype."""
     plan = BlockPlan(spec, bk)
@@ -124,8 +144,14 @@ def online_backward(
 
 
 def recompute_weights(
-    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, spec: AttentionSpec, seed: int | None,
-    rows: tuple[int, int] | None = None, heads: list[int] | None = None, bk: int | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    spec: AttentionSpec,
+    seed: int | None,
+    rows: tuple[int, int] | None = None,
+    heads: list[int] | None = None,
+    bk: int | None = None,
 ) -> torch.Tensor:
     """Attention weights ``(..., h, r, S)`` of query rows ``[r0, r1)`` (and ``heads``, default all),
     from q, k and the log-sum-exp.

@@ -64,8 +64,10 @@ def triton_version_error() -> str | None:
     except ValueError:
         return f"cannot read Triton's version {version!r}; the kernels need Triton {MIN_TRITON_TEXT} or newer"
     if major_minor < MIN_TRITON:
-        return (f"Triton {version} is installed, but the kernels need Triton {MIN_TRITON_TEXT} or newer "
-                f"(pip install 'triton>={MIN_TRITON_TEXT}')")
+        return (
+            f"Triton {version} is installed, but the kernels need Triton {MIN_TRITON_TEXT} or newer "
+            f"(pip install 'triton>={MIN_TRITON_TEXT}')"
+        )
     return None
 
 
@@ -90,8 +92,10 @@ def triton_unsupported_reason(spec: AttentionSpec, device: torch.device, dtype: 
         return version_error
     if device.type == "cpu":
         if not interpreting():
-            return ("the Triton kernels need a CUDA GPU (inputs on cpu); TRITON_INTERPRET=1 runs them in "
-                    "Triton's CPU interpreter, slowly, for tests")
+            return (
+                "the Triton kernels need a CUDA GPU (inputs on cpu); TRITON_INTERPRET=1 runs them in "
+                "Triton's CPU interpreter, slowly, for tests"
+            )
         kernels = sys.modules.get("qkv.ops.triton_kernels")
         if kernels is not None and not kernels.INTERPRETED:
             return "the Triton kernels were built for the GPU before TRITON_INTERPRET=1 was set in this process"
@@ -106,8 +110,7 @@ def triton_unsupported_reason(spec: AttentionSpec, device: torch.device, dtype: 
     if dtype not in DTYPES:
         return f"the Triton kernels take float16, bfloat16 or float32 inputs (got {dtype}; use 'tiled' or 'math')"
     if spec.head_dim > MAX_HEAD_DIM or spec.value_dim > MAX_HEAD_DIM:
-        return (f"the Triton kernels take head dims up to {MAX_HEAD_DIM} "
-                f"(got D={spec.head_dim}, Dv={spec.value_dim})")
+        return f"the Triton kernels take head dims up to {MAX_HEAD_DIM} (got D={spec.head_dim}, Dv={spec.value_dim})"
     if spec.dropout > 0:
         return "the Triton kernels have no dropout (qkv's reproducible dropout runs in the tiled backend)"
     if spec.mask is not None and spec.mask.requires_grad:
@@ -155,11 +158,16 @@ class Launch:
         else:
             qk_scale, cap_mul = spec.scale * log2e, 1.0
         constants = {
-            "D": spec.head_dim, "DV": spec.value_dim,
-            "BLOCK_D": _pow2(spec.head_dim), "BLOCK_DV": _pow2(spec.value_dim),
-            "HAS_RIGHT": right is not None, "HAS_LEFT": left is not None,
-            "SOFTCAP": spec.softcap is not None, "HAS_ALIBI": spec.alibi_slopes is not None,
-            "HAS_KL": spec.key_lengths is not None, "MASK_KIND": kind,
+            "D": spec.head_dim,
+            "DV": spec.value_dim,
+            "BLOCK_D": _pow2(spec.head_dim),
+            "BLOCK_DV": _pow2(spec.value_dim),
+            "HAS_RIGHT": right is not None,
+            "HAS_LEFT": left is not None,
+            "SOFTCAP": spec.softcap is not None,
+            "HAS_ALIBI": spec.alibi_slopes is not None,
+            "HAS_KL": spec.key_lengths is not None,
+            "MASK_KIND": kind,
             # float32 inputs get float32 products (exact, as the other backends), not TF32.
             "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
         }
@@ -217,16 +225,39 @@ def triton_forward(
         return out.zero_(), lse.fill_(float("-inf"))
     kernels = _kernels()
     kernels.attention_forward_kernel[lambda meta: (batch * heads, -(-q_len // meta["BLOCK_M"]))](
-        q, k, v, out, lse, launch.mask, launch.slopes, launch.key_lengths,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *launch.mask_strides,
-        heads, spec.groups, q_len, kv_len, *launch.scalars, *_lengths(spec), **launch.constants,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        launch.mask,
+        launch.slopes,
+        launch.key_lengths,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *out.stride()[:3],
+        *launch.mask_strides,
+        heads,
+        spec.groups,
+        q_len,
+        kv_len,
+        *launch.scalars,
+        *_lengths(spec),
+        **launch.constants,
     )
     return out, lse
 
 
 def triton_backward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    d_out: torch.Tensor, spec: AttentionSpec, launch: Launch,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    d_out: torch.Tensor,
+    spec: AttentionSpec,
+    launch: Launch,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (in the inputs' dtypes and 4-d shapes) by recomputation from ``lse``."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -237,20 +268,59 @@ def triton_backward(
     delta = lse.new_empty(batch, heads, q_len)
     block_m = 16 if kernels.INTERPRETED else DELTA_BLOCK_M
     kernels.attention_delta_kernel[(batch * heads, -(-q_len // block_m))](
-        out, d_out, delta, *out.stride()[:3], *d_out.stride()[:3], heads, q_len,
-        DV=spec.value_dim, BLOCK_DV=launch.constants["BLOCK_DV"], BLOCK_M=block_m,
+        out,
+        d_out,
+        delta,
+        *out.stride()[:3],
+        *d_out.stride()[:3],
+        heads,
+        q_len,
+        DV=spec.value_dim,
+        BLOCK_DV=launch.constants["BLOCK_DV"],
+        BLOCK_M=block_m,
     )
     common = (
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *d_out.stride()[:3],
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *d_out.stride()[:3],
     )
     scalars = (heads, spec.groups, q_len, kv_len, *launch.scalars, spec.scale, *_lengths(spec))
     kernels.attention_dkdv_kernel[lambda meta: (batch * spec.kv_heads, -(-kv_len // meta["BLOCK_N"]))](
-        q, k, v, d_out, lse, delta, dk, dv, launch.mask, launch.slopes, launch.key_lengths,
-        *common, *dk.stride()[:3], *dv.stride()[:3], *launch.mask_strides, *scalars, **launch.constants,
+        q,
+        k,
+        v,
+        d_out,
+        lse,
+        delta,
+        dk,
+        dv,
+        launch.mask,
+        launch.slopes,
+        launch.key_lengths,
+        *common,
+        *dk.stride()[:3],
+        *dv.stride()[:3],
+        *launch.mask_strides,
+        *scalars,
+        **launch.constants,
     )
     kernels.attention_dq_kernel[lambda meta: (batch * heads, -(-q_len // meta["BLOCK_M"]))](
-        q, k, v, d_out, lse, delta, dq, launch.mask, launch.slopes, launch.key_lengths,
-        *common, *dq.stride()[:3], *launch.mask_strides, *scalars, **launch.constants,
+        q,
+        k,
+        v,
+        d_out,
+        lse,
+        delta,
+        dq,
+        launch.mask,
+        launch.slopes,
+        launch.key_lengths,
+        *common,
+        *dq.stride()[:3],
+        *launch.mask_strides,
+        *scalars,
+        **launch.constants,
     )
     return dq, dk, dv
 
@@ -260,7 +330,10 @@ class TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
         spec: AttentionSpec,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         launch = Launch.build(spec, q)
@@ -290,7 +363,11 @@ class TritonAttention(torch.autograd.Function):
 
 
 def triton_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, seed: int | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: AttentionSpec,
+    seed: int | None,
     return_weights: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Fused Triton attention: ``(out, weights or None, lse)``; differentiable in q, k, v.

@@ -85,12 +85,22 @@ def forward_configs() -> list[triton.Config]:
     major, _ = _capability()
     if major >= 9:
         return [
-            _config(128, 128, 8, 3), _config(128, 64, 8, 3), _config(128, 64, 8, 4), _config(128, 128, 8, 2),
-            _config(128, 64, 4, 3), _config(64, 64, 4, 4), _config(64, 128, 4, 3), *_fallback(),
+            _config(128, 128, 8, 3),
+            _config(128, 64, 8, 3),
+            _config(128, 64, 8, 4),
+            _config(128, 128, 8, 2),
+            _config(128, 64, 4, 3),
+            _config(64, 64, 4, 4),
+            _config(64, 128, 4, 3),
+            *_fallback(),
         ]
     return [
-        _config(128, 64, 4, 3), _config(128, 32, 4, 4), _config(64, 64, 4, 3), _config(128, 128, 8, 2),
-        _config(64, 32, 4, 4), *_fallback(),
+        _config(128, 64, 4, 3),
+        _config(128, 32, 4, 4),
+        _config(64, 64, 4, 3),
+        _config(128, 128, 8, 2),
+        _config(64, 32, 4, 4),
+        *_fallback(),
     ]
 
 
@@ -101,11 +111,19 @@ def dq_configs() -> list[triton.Config]:
     major, _ = _capability()
     if major >= 9:
         return [
-            _config(128, 64, 8, 3), _config(128, 32, 4, 4), _config(128, 64, 4, 3), _config(64, 64, 4, 3),
-            _config(128, 128, 8, 2), *_fallback(),
+            _config(128, 64, 8, 3),
+            _config(128, 32, 4, 4),
+            _config(128, 64, 4, 3),
+            _config(64, 64, 4, 3),
+            _config(128, 128, 8, 2),
+            *_fallback(),
         ]
     return [
-        _config(128, 32, 4, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 4), _config(128, 64, 8, 2), *_fallback(),
+        _config(128, 32, 4, 3),
+        _config(64, 64, 4, 3),
+        _config(64, 32, 4, 4),
+        _config(128, 64, 8, 2),
+        *_fallback(),
     ]
 
 
@@ -116,11 +134,19 @@ def dkdv_configs() -> list[triton.Config]:
     major, _ = _capability()
     if major >= 9:
         return [
-            _config(64, 128, 8, 3), _config(32, 128, 4, 4), _config(64, 128, 8, 2), _config(64, 64, 4, 3),
-            _config(32, 64, 4, 4), *_fallback(),
+            _config(64, 128, 8, 3),
+            _config(32, 128, 4, 4),
+            _config(64, 128, 8, 2),
+            _config(64, 64, 4, 3),
+            _config(32, 64, 4, 4),
+            *_fallback(),
         ]
     return [
-        _config(32, 128, 4, 3), _config(64, 64, 4, 3), _config(32, 64, 4, 4), _config(64, 128, 8, 2), *_fallback(),
+        _config(32, 128, 4, 3),
+        _config(64, 64, 4, 3),
+        _config(32, 64, 4, 4),
+        _config(64, 128, 8, 2),
+        *_fallback(),
     ]
 
 
@@ -151,10 +177,26 @@ def _tanh(x):
 
 @triton.jit
 def _scores(
-    qk, rows, cols, L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-    mask_base, stride_mask_m, stride_mask_n,
-    CHECK: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
+    qk,
+    rows,
+    cols,
+    L,
+    n_end,
+    offset,
+    right,
+    left,
+    qk_scale,
+    cap_mul,
+    slope2,
+    mask_base,
+    stride_mask_m,
+    stride_mask_n,
+    CHECK: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr,
 ):
     """Base-2 scores of a block from ``qk = q·kᵀ`` and, with soft-capping, the tanh (for backward).
 
@@ -189,8 +231,16 @@ def _scores(
 
 @triton.jit
 def _key_range(
-    r0, L, n_end, offset, right, left,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr,
+    r0,
+    L,
+    n_end,
+    offset,
+    right,
+    left,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
 ):
     """Key blocks of query rows ``[r0, r0 + BLOCK_M)``: ``lo ≤ a ≤ b ≤ hi``, ``[a, b)`` needing no rule.
 
@@ -220,8 +270,16 @@ def _key_range(
 
 @triton.jit
 def _query_range(
-    c0, L, n_end, offset, right, left,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr,
+    c0,
+    L,
+    n_end,
+    offset,
+    right,
+    left,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
 ):
     """Query blocks seeing keys ``[c0, c0 + BLOCK_N)``: ``lo ≤ a ≤ b ≤ hi``, ``[a, b)`` needing no rule.
 
@@ -257,11 +315,42 @@ def _query_range(
 
 @triton.jit
 def _fwd_steps(
-    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mask_m, stride_mask_n,
-    offs_m, offs_d, offs_dv, start, stop, L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, CHECK: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    mask_base,
+    stride_mask_m,
+    stride_mask_n,
+    offs_m,
+    offs_d,
+    offs_dv,
+    start,
+    stop,
+    L,
+    n_end,
+    offset,
+    right,
+    left,
+    qk_scale,
+    cap_mul,
+    slope2,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHECK: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -281,8 +370,26 @@ def _fwd_steps(
                 v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
         s, _ = _scores(
-            qk, offs_m[:, None], offs_n[None, :], L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-            mask_base, stride_mask_m, stride_mask_n, CHECK, HAS_RIGHT, HAS_LEFT, SOFTCAP, HAS_ALIBI, MASK_KIND,
+            qk,
+            offs_m[:, None],
+            offs_n[None, :],
+            L,
+            n_end,
+            offset,
+            right,
+            left,
+            qk_scale,
+            cap_mul,
+            slope2,
+            mask_base,
+            stride_mask_m,
+            stride_mask_n,
+            CHECK,
+            HAS_RIGHT,
+            HAS_LEFT,
+            SOFTCAP,
+            HAS_ALIBI,
+            MASK_KIND,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no allowed key so far keeps m = -inf; subtracting 0 instead keeps exp2 NaN-free.
@@ -298,14 +405,54 @@ def _fwd_steps(
 @triton.autotune(configs=forward_configs(), key=TUNING_KEY, prune_configs_by=PRUNE)
 @triton.jit
 def attention_forward_kernel(
-    Q, K, V, Out, Lse, Mask, Slopes, KeyLengths,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-    H, G, L, S, offset, right, left, qk_scale, cap_mul, L_BUCKET, S_BUCKET,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_KL: tl.constexpr, MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    Mask,
+    Slopes,
+    KeyLengths,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_mask_b,
+    stride_mask_h,
+    stride_mask_m,
+    stride_mask_n,
+    H,
+    G,
+    L,
+    S,
+    offset,
+    right,
+    left,
+    qk_scale,
+    cap_mul,
+    L_BUCKET,
+    S_BUCKET,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Grid ``(B·H, cdiv(L, BLOCK_M))``: out ``(B, H, L, DV)`` and lse ``(B, H, L)`` of one query block."""
     pid_bh = tl.program_id(0)
@@ -338,27 +485,127 @@ def attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     lo, a, b_mid, hi = _key_range(r0, L, n_end, offset, right, left, BLOCK_M, BLOCK_N, HAS_RIGHT, HAS_LEFT)
     acc, l_i, m_i = _fwd_steps(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mask_m, stride_mask_n,
-        offs_m, offs_d, offs_dv, lo, a, L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-        D, DV, BLOCK_N, True, HAS_RIGHT, HAS_LEFT, SOFTCAP, HAS_ALIBI, MASK_KIND, EVEN_D, EVEN_DV, DOT_PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_vn,
+        mask_base,
+        stride_mask_m,
+        stride_mask_n,
+        offs_m,
+        offs_d,
+        offs_dv,
+        lo,
+        a,
+        L,
+        n_end,
+        offset,
+        right,
+        left,
+        qk_scale,
+        cap_mul,
+        slope2,
+        D,
+        DV,
+        BLOCK_N,
+        True,
+        HAS_RIGHT,
+        HAS_LEFT,
+        SOFTCAP,
+        HAS_ALIBI,
+        MASK_KIND,
+        EVEN_D,
+        EVEN_DV,
+        DOT_PRECISION,
     )
     acc, l_i, m_i = _fwd_steps(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mask_m, stride_mask_n,
-        offs_m, offs_d, offs_dv, a, b_mid, L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-        D, DV, BLOCK_N, False, HAS_RIGHT, HAS_LEFT, SOFTCAP, HAS_ALIBI, MASK_KIND, EVEN_D, EVEN_DV, DOT_PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_vn,
+        mask_base,
+        stride_mask_m,
+        stride_mask_n,
+        offs_m,
+        offs_d,
+        offs_dv,
+        a,
+        b_mid,
+        L,
+        n_end,
+        offset,
+        right,
+        left,
+        qk_scale,
+        cap_mul,
+        slope2,
+        D,
+        DV,
+        BLOCK_N,
+        False,
+        HAS_RIGHT,
+        HAS_LEFT,
+        SOFTCAP,
+        HAS_ALIBI,
+        MASK_KIND,
+        EVEN_D,
+        EVEN_DV,
+        DOT_PRECISION,
     )
     acc, l_i, m_i = _fwd_steps(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mask_m, stride_mask_n,
-        offs_m, offs_d, offs_dv, b_mid, hi, L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-        D, DV, BLOCK_N, True, HAS_RIGHT, HAS_LEFT, SOFTCAP, HAS_ALIBI, MASK_KIND, EVEN_D, EVEN_DV, DOT_PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_vn,
+        mask_base,
+        stride_mask_m,
+        stride_mask_n,
+        offs_m,
+        offs_d,
+        offs_dv,
+        b_mid,
+        hi,
+        L,
+        n_end,
+        offset,
+        right,
+        left,
+        qk_scale,
+        cap_mul,
+        slope2,
+        D,
+        DV,
+        BLOCK_N,
+        True,
+        HAS_RIGHT,
+        HAS_LEFT,
+        SOFTCAP,
+        HAS_ALIBI,
+        MASK_KIND,
+        EVEN_D,
+        EVEN_DV,
+        DOT_PRECISION,
     )
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     row_ok = offs_m < L
-    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om
-              + offs_dv[None, :])
+    o_ptrs = (
+        Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
+    )
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(Lse + pid_bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
 
@@ -370,8 +617,20 @@ def attention_forward_kernel(
 
 @triton.jit
 def attention_delta_kernel(
-    Out, DOut, Delta, stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm, H, L,
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    Out,
+    DOut,
+    Delta,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_db,
+    stride_dh,
+    stride_dm,
+    H,
+    L,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """Grid ``(B·H, cdiv(L, BLOCK_M))``: ``Δ = rowsum(dO ∘ O)`` in float32, ``(B, H, L)``."""
     pid_bh = tl.program_id(0)
@@ -380,10 +639,16 @@ def attention_delta_kernel(
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     inside = (offs_m[:, None] < L) & (offs_dv[None, :] < DV)
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om
-                + offs_dv[None, :], mask=inside, other=0.0)
-    do = tl.load(DOut + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None] * stride_dm
-                 + offs_dv[None, :], mask=inside, other=0.0)
+    o = tl.load(
+        Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+        mask=inside,
+        other=0.0,
+    )
+    do = tl.load(
+        DOut + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None] * stride_dm + offs_dv[None, :],
+        mask=inside,
+        other=0.0,
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + pid_bh.to(tl.int64) * L + offs_m, delta, mask=offs_m < L)
 
@@ -398,26 +663,80 @@ def _load_lse2(lse_ptrs, row_ok):
 
 @triton.jit
 def _dkdv_steps(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-    mask_base, stride_mask_m, stride_mask_n, offs_n, offs_d, offs_dv, start, stop,
-    L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, CHECK: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    stride_qm,
+    stride_dom,
+    mask_base,
+    stride_mask_m,
+    stride_mask_n,
+    offs_n,
+    offs_d,
+    offs_dv,
+    start,
+    stop,
+    L,
+    n_end,
+    offset,
+    right,
+    left,
+    qk_scale,
+    cap_mul,
+    slope2,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHECK: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     for start_m in range(start, stop, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < L
-        qt = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None],
-                     mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :],
-                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        qt = tl.load(
+            q_base + offs_m[None, :] * stride_qm + offs_d[:, None],
+            mask=row_ok[None, :] & (offs_d[:, None] < D),
+            other=0.0,
+        )
+        do = tl.load(
+            do_base + offs_m[:, None] * stride_dom + offs_dv[None, :],
+            mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
         lse2 = _load_lse2(lse_base + offs_m, row_ok)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         qkt = tl.dot(k, qt, input_precision=DOT_PRECISION)
         st, tt = _scores(
-            qkt, offs_m[None, :], offs_n[:, None], L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-            mask_base, stride_mask_m, stride_mask_n, CHECK, HAS_RIGHT, HAS_LEFT, SOFTCAP, HAS_ALIBI, MASK_KIND,
+            qkt,
+            offs_m[None, :],
+            offs_n[:, None],
+            L,
+            n_end,
+            offset,
+            right,
+            left,
+            qk_scale,
+            cap_mul,
+            slope2,
+            mask_base,
+            stride_mask_m,
+            stride_mask_n,
+            CHECK,
+            HAS_RIGHT,
+            HAS_LEFT,
+            SOFTCAP,
+            HAS_ALIBI,
+            MASK_KIND,
         )
         pt = tl.exp2(st - lse2[None, :])
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -432,15 +751,64 @@ def _dkdv_steps(
 @triton.autotune(configs=dkdv_configs(), key=TUNING_KEY, prune_configs_by=PRUNE)
 @triton.jit
 def attention_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DKey, DValue, Mask, Slopes, KeyLengths,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-    H, G, L, S, offset, right, left, qk_scale, cap_mul, scale, L_BUCKET, S_BUCKET,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_KL: tl.constexpr, MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DOut,
+    Lse,
+    Delta,
+    DKey,
+    DValue,
+    Mask,
+    Slopes,
+    KeyLengths,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    stride_mask_b,
+    stride_mask_h,
+    stride_mask_m,
+    stride_mask_n,
+    H,
+    G,
+    L,
+    S,
+    offset,
+    right,
+    left,
+    qk_scale,
+    cap_mul,
+    scale,
+    L_BUCKET,
+    S_BUCKET,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Grid ``(B·Hkv, cdiv(S, BLOCK_N))``: dK, dV of one key block of one key/value head, summed over the
     ``G`` query heads of its group and every query block that sees it."""
@@ -453,10 +821,16 @@ def attention_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < S
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn
-                + offs_d[None, :], mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
-                + offs_dv[None, :], mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = tl.load(
+        K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+        mask=col_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    v = tl.load(
+        V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
+        mask=col_ok[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
     n_end = S
     if HAS_KL:
         n_end = tl.load(KeyLengths + b)
@@ -476,49 +850,213 @@ def attention_dkdv_kernel(
         if HAS_ALIBI:
             slope2 = -tl.load(Slopes + bh) * LOG2E
         dk, dv = _dkdv_steps(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            mask_base, stride_mask_m, stride_mask_n, offs_n, offs_d, offs_dv, lo, a,
-            L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-            D, DV, BLOCK_M, True, HAS_RIGHT, HAS_LEFT, SOFTCAP, HAS_ALIBI, MASK_KIND, DOT_PRECISION,
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_qm,
+            stride_dom,
+            mask_base,
+            stride_mask_m,
+            stride_mask_n,
+            offs_n,
+            offs_d,
+            offs_dv,
+            lo,
+            a,
+            L,
+            n_end,
+            offset,
+            right,
+            left,
+            qk_scale,
+            cap_mul,
+            slope2,
+            D,
+            DV,
+            BLOCK_M,
+            True,
+            HAS_RIGHT,
+            HAS_LEFT,
+            SOFTCAP,
+            HAS_ALIBI,
+            MASK_KIND,
+            DOT_PRECISION,
         )
         dk, dv = _dkdv_steps(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            mask_base, stride_mask_m, stride_mask_n, offs_n, offs_d, offs_dv, a, b_mid,
-            L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-            D, DV, BLOCK_M, False, HAS_RIGHT, HAS_LEFT, SOFTCAP, HAS_ALIBI, MASK_KIND, DOT_PRECISION,
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_qm,
+            stride_dom,
+            mask_base,
+            stride_mask_m,
+            stride_mask_n,
+            offs_n,
+            offs_d,
+            offs_dv,
+            a,
+            b_mid,
+            L,
+            n_end,
+            offset,
+            right,
+            left,
+            qk_scale,
+            cap_mul,
+            slope2,
+            D,
+            DV,
+            BLOCK_M,
+            False,
+            HAS_RIGHT,
+            HAS_LEFT,
+            SOFTCAP,
+            HAS_ALIBI,
+            MASK_KIND,
+            DOT_PRECISION,
         )
         dk, dv = _dkdv_steps(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            mask_base, stride_mask_m, stride_mask_n, offs_n, offs_d, offs_dv, b_mid, hi,
-            L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-            D, DV, BLOCK_M, True, HAS_RIGHT, HAS_LEFT, SOFTCAP, HAS_ALIBI, MASK_KIND, DOT_PRECISION,
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_qm,
+            stride_dom,
+            mask_base,
+            stride_mask_m,
+            stride_mask_n,
+            offs_n,
+            offs_d,
+            offs_dv,
+            b_mid,
+            hi,
+            L,
+            n_end,
+            offset,
+            right,
+            left,
+            qk_scale,
+            cap_mul,
+            slope2,
+            D,
+            DV,
+            BLOCK_M,
+            True,
+            HAS_RIGHT,
+            HAS_LEFT,
+            SOFTCAP,
+            HAS_ALIBI,
+            MASK_KIND,
+            DOT_PRECISION,
         )
     dk = dk * scale
-    tl.store(DKey + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
-             + offs_d[None, :], dk.to(DKey.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DValue + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn
-             + offs_dv[None, :], dv.to(DValue.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(
+        DKey
+        + b.to(tl.int64) * stride_dkb
+        + hk.to(tl.int64) * stride_dkh
+        + offs_n[:, None] * stride_dkn
+        + offs_d[None, :],
+        dk.to(DKey.dtype.element_ty),
+        mask=col_ok[:, None] & (offs_d[None, :] < D),
+    )
+    tl.store(
+        DValue
+        + b.to(tl.int64) * stride_dvb
+        + hk.to(tl.int64) * stride_dvh
+        + offs_n[:, None] * stride_dvn
+        + offs_dv[None, :],
+        dv.to(DValue.dtype.element_ty),
+        mask=col_ok[:, None] & (offs_dv[None, :] < DV),
+    )
 
 
 @triton.jit
 def _dq_steps(
-    dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mask_m, stride_mask_n,
-    offs_m, offs_d, offs_dv, start, stop, L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, CHECK: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    mask_base,
+    stride_mask_m,
+    stride_mask_n,
+    offs_m,
+    offs_d,
+    offs_dv,
+    start,
+    stop,
+    L,
+    n_end,
+    offset,
+    right,
+    left,
+    qk_scale,
+    cap_mul,
+    slope2,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHECK: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < n_end
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                     mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-        vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None],
-                     mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        kt = tl.load(
+            k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+            mask=col_ok[None, :] & (offs_d[:, None] < D),
+            other=0.0,
+        )
+        vt = tl.load(
+            v_base + offs_n[None, :] * stride_vn + offs_dv[:, None],
+            mask=col_ok[None, :] & (offs_dv[:, None] < DV),
+            other=0.0,
+        )
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
         s, t = _scores(
-            qk, offs_m[:, None], offs_n[None, :], L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-            mask_base, stride_mask_m, stride_mask_n, CHECK, HAS_RIGHT, HAS_LEFT, SOFTCAP, HAS_ALIBI, MASK_KIND,
+            qk,
+            offs_m[:, None],
+            offs_n[None, :],
+            L,
+            n_end,
+            offset,
+            right,
+            left,
+            qk_scale,
+            cap_mul,
+            slope2,
+            mask_base,
+            stride_mask_m,
+            stride_mask_n,
+            CHECK,
+            HAS_RIGHT,
+            HAS_LEFT,
+            SOFTCAP,
+            HAS_ALIBI,
+            MASK_KIND,
         )
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
@@ -532,15 +1070,60 @@ def _dq_steps(
 @triton.autotune(configs=dq_configs(), key=TUNING_KEY, prune_configs_by=PRUNE)
 @triton.jit
 def attention_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, Mask, Slopes, KeyLengths,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
-    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-    H, G, L, S, offset, right, left, qk_scale, cap_mul, scale, L_BUCKET, S_BUCKET,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_KL: tl.constexpr, MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DOut,
+    Lse,
+    Delta,
+    DQ,
+    Mask,
+    Slopes,
+    KeyLengths,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_mask_b,
+    stride_mask_h,
+    stride_mask_m,
+    stride_mask_n,
+    H,
+    G,
+    L,
+    S,
+    offset,
+    right,
+    left,
+    qk_scale,
+    cap_mul,
+    scale,
+    L_BUCKET,
+    S_BUCKET,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Grid ``(B·H, cdiv(L, BLOCK_M))``: dQ of one query block, over the key blocks it sees."""
     pid_bh = tl.program_id(0)
@@ -552,10 +1135,20 @@ def attention_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < L
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
-                + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_dv[None, :], mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = tl.load(
+        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=row_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    do = tl.load(
+        DOut
+        + b.to(tl.int64) * stride_dob
+        + h.to(tl.int64) * stride_doh
+        + offs_m[:, None] * stride_dom
+        + offs_dv[None, :],
+        mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
     lse2 = _load_lse2(Lse + pid_bh.to(tl.int64) * L + offs_m, row_ok)
     delta = tl.load(Delta + pid_bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + (h // G).to(tl.int64) * stride_kh
@@ -571,20 +1164,119 @@ def attention_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, a, b_mid, hi = _key_range(r0, L, n_end, offset, right, left, BLOCK_M, BLOCK_N, HAS_RIGHT, HAS_LEFT)
     dq = _dq_steps(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mask_m, stride_mask_n,
-        offs_m, offs_d, offs_dv, lo, a, L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-        D, DV, BLOCK_N, True, HAS_RIGHT, HAS_LEFT, SOFTCAP, HAS_ALIBI, MASK_KIND, DOT_PRECISION,
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_vn,
+        mask_base,
+        stride_mask_m,
+        stride_mask_n,
+        offs_m,
+        offs_d,
+        offs_dv,
+        lo,
+        a,
+        L,
+        n_end,
+        offset,
+        right,
+        left,
+        qk_scale,
+        cap_mul,
+        slope2,
+        D,
+        DV,
+        BLOCK_N,
+        True,
+        HAS_RIGHT,
+        HAS_LEFT,
+        SOFTCAP,
+        HAS_ALIBI,
+        MASK_KIND,
+        DOT_PRECISION,
     )
     dq = _dq_steps(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mask_m, stride_mask_n,
-        offs_m, offs_d, offs_dv, a, b_mid, L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-        D, DV, BLOCK_N, False, HAS_RIGHT, HAS_LEFT, SOFTCAP, HAS_ALIBI, MASK_KIND, DOT_PRECISION,
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_vn,
+        mask_base,
+        stride_mask_m,
+        stride_mask_n,
+        offs_m,
+        offs_d,
+        offs_dv,
+        a,
+        b_mid,
+        L,
+        n_end,
+        offset,
+        right,
+        left,
+        qk_scale,
+        cap_mul,
+        slope2,
+        D,
+        DV,
+        BLOCK_N,
+        False,
+        HAS_RIGHT,
+        HAS_LEFT,
+        SOFTCAP,
+        HAS_ALIBI,
+        MASK_KIND,
+        DOT_PRECISION,
     )
     dq = _dq_steps(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mask_m, stride_mask_n,
-        offs_m, offs_d, offs_dv, b_mid, hi, L, n_end, offset, right, left, qk_scale, cap_mul, slope2,
-        D, DV, BLOCK_N, True, HAS_RIGHT, HAS_LEFT, SOFTCAP, HAS_ALIBI, MASK_KIND, DOT_PRECISION,
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_vn,
+        mask_base,
+        stride_mask_m,
+        stride_mask_n,
+        offs_m,
+        offs_d,
+        offs_dv,
+        b_mid,
+        hi,
+        L,
+        n_end,
+        offset,
+        right,
+        left,
+        qk_scale,
+        cap_mul,
+        slope2,
+        D,
+        DV,
+        BLOCK_N,
+        True,
+        HAS_RIGHT,
+        HAS_LEFT,
+        SOFTCAP,
+        HAS_ALIBI,
+        MASK_KIND,
+        DOT_PRECISION,
     )
     dq = dq * scale
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
-             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(
+        DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d[None, :] < D),
+    )

@@ -41,8 +41,16 @@ def attention_weights(
         ``(..., h, r, S)`` weights in q's dtype; only the selected heads are kept, one key block at a time.
     """
     spec = build_spec(
-        q, k, k, mask=mask, key_lengths=key_lengths, causal=causal, window=window, scale=scale,
-        alibi_slopes=alibi_slopes, softcap=softcap,
+        q,
+        k,
+        k,
+        mask=mask,
+        key_lengths=key_lengths,
+        causal=causal,
+        window=window,
+        scale=scale,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
     )
     expected = (*spec.batch_shape, spec.heads, spec.q_len)
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != expected:
@@ -57,7 +65,8 @@ def attention_weights(
         selected = list(range(spec.heads))[heads] if isinstance(heads, slice) else list(heads)
         bad = [h for h in selected if not (isinstance(h, int) and 0 <= h < spec.heads)]
         if bad or not selected:
-            raise ValueError(f"heads must select some of the H={spec.heads} query heads (0..{spec.heads - 1}); "
-                             f"got {heads!r}")
+            raise ValueError(
+                f"heads must select some of the H={spec.heads} query heads (0..{spec.heads - 1}); got {heads!r}"
+            )
     with torch.no_grad():
         return recompute_weights(q, k, lse, spec, None, rows=(r0, r1), heads=selected)

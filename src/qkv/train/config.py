@@ -290,7 +290,9 @@ class ModelConfig:
         params = {key: _number(value) if isinstance(value, str) else value for key, value in self.params.items()}
         if self.type == "transformer":
             derived = {
-                "src_vocab_size": src_vocab_size, "tgt_vocab_size": tgt_vocab_size, "shared_vocab": shared_vocab,
+                "src_vocab_size": src_vocab_size,
+                "tgt_vocab_size": tgt_vocab_size,
+                "shared_vocab": shared_vocab,
             }
         else:
             derived = {"src_vocab_size": src_vocab_size, "tgt_vocab_size": tgt_vocab_size}

@@ -80,8 +80,12 @@ class WarmupSchedule:
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready: the updates done and the curve's parameters."""
         return {
-            "kind": self.kind, "lr": self.lr, "warmup_steps": self.warmup_steps, "max_steps": self.max_steps,
-            "min_lr": self.min_lr, "updates": self.updates,
+            "kind": self.kind,
+            "lr": self.lr,
+            "warmup_steps": self.warmup_steps,
+            "max_steps": self.max_steps,
+            "min_lr": self.min_lr,
+            "updates": self.updates,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

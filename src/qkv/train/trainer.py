@@ -360,7 +360,10 @@ class Trainer:
         self.model = build_model(config, self.src_tok.vocab_size, self.tgt_tok.vocab_size).to(self.device)
         self.ddp_model = wrap_model(self.model, ctx)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=t.lr, betas=(t.betas[0], t.betas[1]), eps=t.adam_eps,
+            self.model.parameters(),
+            lr=t.lr,
+            betas=(t.betas[0], t.betas[1]),
+            eps=t.adam_eps,
             weight_decay=t.weight_decay,
         )
         self.schedule = WarmupSchedule(
@@ -554,8 +557,12 @@ class Trainer:
                     nll_sum += float(nll)
                     tokens += n
             hypotheses = decode_sources(
-                cast(Seq2SeqModel, model), [s for s, _ in examples], beam=t.valid_beam, length_penalty=t.length_penalty,
-                max_tokens=t.max_tokens, device=self.device,
+                cast(Seq2SeqModel, model),
+                [s for s, _ in examples],
+                beam=t.valid_beam,
+                length_penalty=t.length_penalty,
+                max_tokens=t.max_tokens,
+                device=self.device,
             )
         finally:
             model.train(was_training)
@@ -640,8 +647,11 @@ class Trainer:
         state: dict[str, object] = {
             "step": self.step,
             "epoch": self.batcher.position.epoch,
-            "best": {"metric": self.config.training.early_stopping_metric, "score": self.best_score,
-                     "step": self.best_step},
+            "best": {
+                "metric": self.config.training.early_stopping_metric,
+                "score": self.best_score,
+                "step": self.best_step,
+            },
             "bad_validations": self.bad_validations,
             "last_valid_step": self.last_valid_step,
             "batcher": self.batcher.state_dict(),
@@ -826,5 +836,12 @@ def train(
 
 
 __all__ = [
-    "ConfigError", "TrainError", "TrainInterrupted", "TrainResult", "Trainer", "build_model", "export_model", "train",
+    "ConfigError",
+    "TrainError",
+    "TrainInterrupted",
+    "TrainResult",
+    "Trainer",
+    "build_model",
+    "export_model",
+    "train",
 ]

@@ -182,7 +182,12 @@ def decode_sources(
             found = [
                 hyps[0]
                 for hyps in beam_search(
-                    model, src, lengths, beam_size=beam, length_penalty=length_penalty, max_len_cap=cap,
+                    model,
+                    src,
+                    lengths,
+                    beam_size=beam,
+                    length_penalty=length_penalty,
+                    max_len_cap=cap,
                     need_attention=need_attention,
                 )
             ]
@@ -264,8 +269,14 @@ class Translator:
         encoded = [self.src_tokenizer.encode(s) for s in sentences]
         live = [i for i, ids in enumerate(encoded) if ids]
         hypotheses = decode_sources(
-            self.model, [encoded[i] for i in live], beam=beam, length_penalty=length_penalty, max_tokens=max_tokens,
-            max_output_length=max_output_length, device=self.device, need_attention=need_attention,
+            self.model,
+            [encoded[i] for i in live],
+            beam=beam,
+            length_penalty=length_penalty,
+            max_tokens=max_tokens,
+            max_output_length=max_output_length,
+            device=self.device,
+            need_attention=need_attention,
         )
         found = dict(zip(live, hypotheses, strict=True))
         results = []

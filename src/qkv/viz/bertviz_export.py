@@ -5,7 +5,8 @@ bertviz takes what a Hugging Face model returns with ``output_attentions=True``:
 layer, each ``(batch=1, heads, L, L)``, and the ``L`` tokens as strings::
 
     from bertviz import head_view
-    attention, tokens = to_bertviz(attentions, tokens)   # attentions: (layers, H, L, L)
+
+    attention, tokens = to_bertviz(attentions, tokens)  # attentions: (layers, H, L, L)
     head_view(attention, tokens)
 
 For a notebook where qkv is not installed, :func:`save_bertviz_json` writes the same data as JSON; read it

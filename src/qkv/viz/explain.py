@@ -152,9 +152,7 @@ def check_matrix(value: object, label: str) -> Matrix:
     """
     rows = _as_rows(value)
     if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
-        raise ValueError(
-            f"{label}: expected a list of rows like [[1, 2], [3, 4]]; got {_describe(rows)}"
-        )
+        raise ValueError(f"{label}: expected a list of rows like [[1, 2], [3, 4]]; got {_describe(rows)}")
     if len(rows) == 0:
         raise ValueError(f"{label} is empty; expected at least one row of numbers")
     matrix: Matrix = []
@@ -245,13 +243,10 @@ def explain(
     qm, km, vm = check_matrix(q, "Q"), check_matrix(k, "K"), check_matrix(v, "V")
     if len(qm[0]) != len(km[0]):
         raise ValueError(
-            f"d_k differs: Q has {_count(len(qm[0]), 'column')} but K has {len(km[0])}; "
-            "q·k needs rows of equal length"
+            f"d_k differs: Q has {_count(len(qm[0]), 'column')} but K has {len(km[0])}; q·k needs rows of equal length"
         )
     if len(km) != len(vm):
-        raise ValueError(
-            f"K has {_count(len(km), 'row')} but V has {len(vm)}; each key needs exactly one value row"
-        )
+        raise ValueError(f"K has {_count(len(km), 'row')} but V has {len(vm)}; each key needs exactly one value row")
     query_names, key_names = _names(
         _check_tokens(tokens, len(qm), "token", "Q"),
         _check_tokens(key_tokens, len(km), "key token", "K"),
@@ -275,15 +270,11 @@ def explain(
     steps_outputs = steps_weights @ vt
 
     # One head, no batch: qkv.attention wants (H, L, D).
-    outputs, weights = attention(
-        qt[None], kt[None], vt[None], causal=causal, backend="math", return_weights=True
-    )
+    outputs, weights = attention(qt[None], kt[None], vt[None], causal=causal, backend="math", return_weights=True)
     outputs, weights = outputs[0], weights[0]
     if not torch.isfinite(outputs).all():
         raise ValueError("weights·V overflows float64 (some outputs > 1.8e308); use smaller values in V")
-    difference = max(
-        (weights - steps_weights).abs().max().item(), (outputs - steps_outputs).abs().max().item()
-    )
+    difference = max((weights - steps_weights).abs().max().item(), (outputs - steps_outputs).abs().max().item())
     if not difference <= AGREEMENT_TOLERANCE:
         raise RuntimeError(
             f"the step-by-step numbers differ from qkv.attention's by {difference:.3g} "
@@ -310,9 +301,7 @@ def explain(
 
 def example(*, causal: bool = False, tokens: Sequence[str] | None = None) -> Explanation:
     """The built-in example: "the cat sat", ``d_k = d_v = 4``, hand-picked Q, K, V."""
-    return explain(
-        EXAMPLE_Q, EXAMPLE_K, EXAMPLE_V, tokens=EXAMPLE_TOKENS if tokens is None else tokens, causal=causal
-    )
+    return explain(EXAMPLE_Q, EXAMPLE_K, EXAMPLE_V, tokens=EXAMPLE_TOKENS if tokens is None else tokens, causal=causal)
 
 
 def to_json(expl: Explanation) -> dict[str, object]:
@@ -454,8 +443,7 @@ def _softmax_lines(expl: Explanation, i: int) -> list[str]:
             lines.append(f"     exp(s{j + 1}) = exp(-∞) = 0")
         elif shift:
             lines.append(
-                f"     exp(s{j + 1} - {fmt(shift)}) = exp({fmt(expl.scaled[i][j] - shift)})"
-                f" = {fmt(expl.exps[i][j])}"
+                f"     exp(s{j + 1} - {fmt(shift)}) = exp({fmt(expl.scaled[i][j] - shift)}) = {fmt(expl.exps[i][j])}"
             )
         else:
             lines.append(f"     exp(s{j + 1}) = exp({fmt(expl.scaled[i][j])}) = {fmt(expl.exps[i][j])}")
@@ -466,8 +454,7 @@ def _softmax_lines(expl: Explanation, i: int) -> list[str]:
         name = expl.key_tokens[j]
         if expl.visible[i][j]:
             lines.append(
-                f"     w{j + 1} = {fmt(expl.exps[i][j])} ÷ {fmt(expl.sums[i])} = {fmt(expl.weights[i][j])}"
-                f"   ({name})"
+                f"     w{j + 1} = {fmt(expl.exps[i][j])} ÷ {fmt(expl.sums[i])} = {fmt(expl.weights[i][j])}   ({name})"
             )
         else:
             lines.append(f"     w{j + 1} = {fmt(0.0)}   ({name}, masked)")
@@ -509,7 +496,7 @@ def _summary(expl: Explanation) -> list[str]:
         "All together: the weights (row = query, column = key; '-' = masked; each row adds up to 1):",
         *_table(expl.query_tokens, expl.key_tokens, weights),
         *_matrix_lines("and the outputs, weights · V:", expl.query_tokens, expl.outputs),
-        f"Checked: qkv.attention(q, k, v, causal={expl.causal}, backend=\"math\") gives the same numbers "
+        f'Checked: qkv.attention(q, k, v, causal={expl.causal}, backend="math") gives the same numbers '
         f"(largest difference {expl.max_difference:.1e}).",
     ]
 

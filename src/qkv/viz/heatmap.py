@@ -216,8 +216,17 @@ def plot_heatmap(
         parent = ax.figure
         figure, target = (parent if isinstance(parent, Figure) else parent.figure), ax
     image = _draw(
-        target, array, rows, cols, title=title, annotate=annotate, cmap=cmap, vmin=low, vmax=high,
-        xlabel=xlabel, ylabel=ylabel,
+        target,
+        array,
+        rows,
+        cols,
+        title=title,
+        annotate=annotate,
+        cmap=cmap,
+        vmin=low,
+        vmax=high,
+        xlabel=xlabel,
+        ylabel=ylabel,
     )
     if ax is None:
         figure.colorbar(image, ax=target, shrink=0.8, label="attention weight")
@@ -251,8 +260,17 @@ def _grid(
     axes = figure.subplots(grid_rows, columns, squeeze=False)
     images = [
         _draw(
-            ax, panels[n], row_tokens, col_tokens, title=names[n], annotate=annotate, cmap=cmap, vmin=low, vmax=high,
-            row_labels=n % columns == 0, col_labels=n + columns >= count,
+            ax,
+            panels[n],
+            row_tokens,
+            col_tokens,
+            title=names[n],
+            annotate=annotate,
+            cmap=cmap,
+            vmin=low,
+            vmax=high,
+            row_labels=n % columns == 0,
+            col_labels=n + columns >= count,
         )
         for n, ax in enumerate(axes.flat[:count])
     ]
@@ -291,9 +309,7 @@ def plot_heads(
     rows = check_tokens(row_tokens, array.shape[1], "row_tokens (the L axis, weights.shape[1])")
     cols = check_tokens(col_tokens, array.shape[2], "col_tokens (the S axis, weights.shape[2])")
     names = [f"head {h}" for h in range(array.shape[0])]
-    return _grid(
-        array, names, rows, cols, title=title, path=path, annotate=annotate, cmap=cmap, vmin=vmin, vmax=vmax
-    )
+    return _grid(array, names, rows, cols, title=title, path=path, annotate=annotate, cmap=cmap, vmin=vmin, vmax=vmax)
 
 
 def plot_layer_average(
@@ -324,8 +340,15 @@ def plot_layer_average(
     mean = array.mean(axis=-3)
     if array.ndim == 3:
         return plot_heatmap(
-            mean, rows, cols, title=title or f"mean of {heads} heads", path=path, annotate=annotate, cmap=cmap,
-            vmin=vmin, vmax=vmax,
+            mean,
+            rows,
+            cols,
+            title=title or f"mean of {heads} heads",
+            path=path,
+            annotate=annotate,
+            cmap=cmap,
+            vmin=vmin,
+            vmax=vmax,
         )
     names = [f"layer {n}, mean of {heads} heads" for n in range(array.shape[0])]
     return _grid(mean, names, rows, cols, title=title, path=path, annotate=annotate, cmap=cmap, vmin=vmin, vmax=vmax)

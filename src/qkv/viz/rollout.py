@@ -12,9 +12,9 @@ every row sums to 1.
 Equivalent to the following, for one ``(layers, H, L, L)`` tensor with ``head_fusion="mean"``::
 
     rollout = torch.eye(L)
-    for a in attentions:                 # lowest layer first
-        a = a.mean(dim=0)                # fuse heads
-        a = 0.5 * a + 0.5 * torch.eye(L) # residual connection
+    for a in attentions:  # lowest layer first
+        a = a.mean(dim=0)  # fuse heads
+        a = 0.5 * a + 0.5 * torch.eye(L)  # residual connection
         a = a / a.sum(dim=-1, keepdim=True)
         rollout = a @ rollout
 
@@ -54,9 +54,7 @@ def fuse_heads(attentions: torch.Tensor, head_fusion: HeadFusion) -> torch.Tenso
     raise ValueError(f"head_fusion={head_fusion!r}; expected one of {', '.join(map(repr, HEAD_FUSIONS))}")
 
 
-def attention_rollout(
-    attentions: object, *, head_fusion: HeadFusion = "mean", residual: bool = True
-) -> torch.Tensor:
+def attention_rollout(attentions: object, *, head_fusion: HeadFusion = "mean", residual: bool = True) -> torch.Tensor:
     """Attention rollout through all layers, lowest layer first.
 
     Args:
