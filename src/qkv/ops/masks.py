@@ -93,6 +93,27 @@ def block_bias(
     return bias
 
 
+def positional_key_range(spec: AttentionSpec) -> tuple[int, int]:
+    """``[lo, hi)``: the keys the causal and window rules let at least one query reach."""
+    if not spec.has_positional_mask:
+        return 0, spec.kv_len
+    right, left = right_reach(spec), spec.window_left
+    hi = spec.kv_len if right is None else min(spec.kv_len, spec.q_len - 1 + spec.offset + right + 1)
+    lo = 0 if left is None else max(0, spec.offset - left)
+    return lo, hi
+
+
+def may_exclude_keys(spec: AttentionSpec) -> bool:
+    """Whether some key might be unreachable for every query (a cheap test on the spec, no tensor pass)."""
+    lo, hi = positional_key_range(spec)
+    return (
+        lo > 0
+        or hi < spec.kv_len
+        or spec.key_lengths is not None
+        or (spec.mask is not None and spec.mask.shape[-1] == spec.kv_len)
+    )
+
+
 def reachable_keys(spec: AttentionSpec, device: torch.device) -> torch.Tensor | None:
     """Bool ``(... or 1s, 1, S, 1)``: keys that at least one query of the call may attend, ``None`` = all.
 
@@ -101,13 +122,10 @@ def reachable_keys(spec: AttentionSpec, device: torch.device) -> torch.Tensor | 
     """
     s = spec.kv_len
     reachable = None
-    if spec.has_positional_mask:
-        right, left = right_reach(spec), spec.window_left
-        hi = s if right is None else min(s, spec.q_len - 1 + spec.offset + right + 1)
-        lo = 0 if left is None else max(0, spec.offset - left)
-        if lo > 0 or hi < s:
-            cols = torch.arange(s, device=device)
-            reachable = (cols >= lo) & (cols < hi)
+    lo, hi = positional_key_range(spec)
+    if lo > 0 or hi < s:
+        cols = torch.arange(s, device=device)
+        reachable = (cols >= lo) & (cols < hi)
     if spec.key_lengths is not None:
         by_length = torch.arange(s, device=device) < spec.key_lengths.unsqueeze(-1)
         reachable = by_length if reachable is None else reachable & by_length
@@ -130,7 +148,7 @@ def drop_unreachable(k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> t
     through (``NaN + -inf``, ``0·NaN``). Inputs without unreachable keys, or (on CPU) without any
     non-finite value, are returned as they are.
     """
-    if _surely_finite(k, v):
+    if not may_exclude_keys(spec) or _surely_finite(k, v):
         return k, v
     reachable = reachable_keys(spec, k.device)
     if reachable is None:
