@@ -89,8 +89,9 @@ class Task(ABC):
         name: the value of ``task:`` in a config (``"translation"``, ``"lm"``).
         data_config, model_config: the config classes of this task's ``data:`` and ``model:`` sections
             (strict: an unknown key is an error naming the valid ones).
-        training_keys: the keys of the ``training:`` section that only this task reads (e.g. translation's
-            ``valid_beam``), beside the trainer's own; another task's keys are errors naming the task.
+        training_config: the config class of the keys of the ``training:`` section that only this task
+            reads (e.g. translation's ``valid_beam``), beside the trainer's own; ``None``: none. A key of
+            another task is an error naming the task.
         metrics: the validation metrics ``training.early_stopping_metric`` may name.
         lower_is_better: those of ``metrics`` for which smaller is better (``loss``, ``ppl``).
     """
@@ -98,7 +99,7 @@ class Task(ABC):
     name: ClassVar[str]
     data_config: ClassVar[type]
     model_config: ClassVar[type]
-    training_keys: ClassVar[tuple[str, ...]] = ()
+    training_config: ClassVar[type | None] = None
     metrics: ClassVar[tuple[str, ...]]
     lower_is_better: ClassVar[frozenset[str]] = frozenset({"loss", "ppl"})
 
