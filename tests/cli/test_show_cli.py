@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -187,12 +186,11 @@ def test_empty_text_is_an_error(capsys) -> None:
 
 
 def test_check_selection() -> None:
-    config = SimpleNamespace(num_hidden_layers=6, num_attention_heads=12)
-    show.check_selection(5, 11, config)
-    with pytest.raises(ValueError, match="--layer 6 is out of range"):
-        show.check_selection(6, None, config)
-    with pytest.raises(ValueError, match="--head -1 is out of range"):
-        show.check_selection(0, -1, config)
+    show.check_selection(5, 11, 6, 12)
+    with pytest.raises(ValueError, match="--layer 6 is out of range: the model has 6 layers"):
+        show.check_selection(6, None, 6, 12)
+    with pytest.raises(ValueError, match="--head -1 is out of range: the encoder has 12 heads"):
+        show.check_selection(0, -1, 6, 12, "the encoder")
 
 
 def test_missing_model_package_says_how_to_install(capsys, monkeypatch) -> None:

@@ -36,7 +36,7 @@ def test_train_writes_a_model_directory(trained_model):
     assert [s for s, _ in step_checkpoints(d / "checkpoints")] == [20, 30]
     assert (d / "checkpoints" / BEST_FILE).is_file()
     log = (d / "train.log").read_text(encoding="utf-8")
-    assert re.search(r"step 30/30 \| epoch \d+ \| loss [\d.]+ \| nll [\d.]+ \| lr [\d.e+-]+ \| tokens/s \d+", log)
+    assert re.search(r"step 30/30 \| epoch [\d.]+ \| loss [\d.]+ \| nll [\d.]+ \| lr [\d.e+-]+ \| tokens/s \d+", log)
     records = [json.loads(line) for line in (d / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["step"] for r in records] == [15, 30]
     assert re.fullmatch(SIGNATURE, records[-1]["bleu_signature"])

@@ -141,7 +141,9 @@ def test_load_errors_name_the_file(tmp_path, spm_unigram):
     with pytest.raises(DataError, match=r"cannot read tokenizer .*missing/tokenizer.json"):
         load_tokenizer(tmp_path / "missing")
     (tmp_path / "bad.json").write_text('{"type": "bpe-magic", "format": 1}', encoding="utf-8")
-    with pytest.raises(DataError, match=r"bad.json: expected a \"type\" of char, word, sentencepiece; got 'bpe-magic'"):
+    with pytest.raises(
+        DataError, match=r"bad.json: expected a \"type\" of char, word, byte, sentencepiece; got 'bpe-magic'"
+    ):
         load_tokenizer(tmp_path / "bad.json")
     (tmp_path / "two.json").write_text(
         '{"type": "char", "format": 1, "tokens": ["<pad>", "<s>", "</s>", "<unk>", "ab"]}', encoding="utf-8"
@@ -221,7 +223,42 @@ def test_train_tokenizer_and_encode_pairs():
     examples = encode_pairs(pairs, src, tgt)
     assert examples == [(src.encode(s), tgt.encode(t)) for s, t in pairs]
     assert isinstance(train_tokenizer("sentencepiece", ["eins zwei drei"] * 5, vocab_size=20), SentencePieceTokenizer)
-    with pytest.raises(DataError, match="unknown tokenizer 'bytes'; expected one of char, word, sentencepiece"):
+    with pytest.raises(DataError, match="unknown tokenizer 'bytes'; expected one of char, word, byte, sentencepiece"):
         train_tokenizer("bytes", ["a"])
     with pytest.raises(DataError, match="model_type is for the sentencepiece tokenizer"):
         train_tokenizer("char", ["a"], model_type="bpe")
+
+
+def test_byte_tokenizer_round_trips_any_text_and_saves(tmp_path) -> None:
+    from qkv.data import ByteTokenizer
+
+    tok = train_tokenizer("byte", ["ignored"])
+    assert isinstance(tok, ByteTokenizer) and tok.vocab_size == 260
+    text = "naïve café, 東京 🙂\n<unk>\ttabs"
+    ids = tok.encode(text)
+    assert len(ids) == len(text.encode("utf-8")) and min(ids) >= 4 and max(ids) < 260
+    assert tok.decode(ids) == text
+    assert tok.decode([BOS_ID, *ids, EOS_ID, 5]) == text
+    assert load_tokenizer(tok.save(tmp_path)) == tok
+    with pytest.raises(DataError, match="fixed vocabulary of 260 ids; got vocab_size 300"):
+        train_tokenizer("byte", [], vocab_size=300)
+
+
+def test_byte_tokenizer_decodes_invalid_utf8_with_replacement_characters() -> None:
+    from qkv.data import ByteTokenizer
+
+    tok = ByteTokenizer()
+    cut = tok.encode("é")[:1]  # the first of its two bytes
+    assert tok.decode([*tok.encode("a"), *cut, *tok.encode("b")]) == "a\ufffdb"
+    assert tok.decode([*tok.encode("a"), UNK_ID, *tok.encode("b")]) == f"a{UNK_TEXT}b"
+
+
+def test_sentencepiece_keeps_line_breaks_as_a_user_defined_symbol() -> None:
+    lines = [f"line {i} of some running text, with words" for i in range(200)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plain = SentencePieceTokenizer.train(lines, vocab_size=60, model_type="bpe")
+        keeps = SentencePieceTokenizer.train(lines, vocab_size=60, model_type="bpe", user_defined_symbols=("\n",))
+    text = "line 3 of\nsome  text\n\nwords"
+    assert plain.decode(plain.encode(text)) != text  # "\n" never appears in one-line training sentences
+    assert keeps.decode(keeps.encode(text)) == text

@@ -216,3 +216,41 @@ def test_positional_range_and_bad_arguments() -> None:
     lm.decode_step(prompt, state)
     with pytest.raises(ValueError, match="tokens has batch size 1 but the state holds 2"):
         lm.decode_step(prompt[:1, :1], state)
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_sliding_window_limits_what_a_token_sees_in_forward_and_cached_decoding(positional: str) -> None:
+    lm = randomize(make_lm(positional=positional, num_layers=1, window=3, kv_heads=2).double()).eval()
+    tokens = torch.randint(0, 12, (2, 10), generator=torch.Generator().manual_seed(6))
+    logits = lm(tokens)
+    # One layer: position 8 sees positions 5..8 only.
+    far, near = tokens.clone(), tokens.clone()
+    far[:, 4] = (far[:, 4] + 1) % 12
+    near[:, 5] = (near[:, 5] + 1) % 12
+    torch.testing.assert_close(lm(far)[:, 8], logits[:, 8], **TOL)
+    assert not torch.allclose(lm(near)[:, 8], logits[:, 8])
+    state = lm.start_state()
+    for t in range(10):
+        step = lm.decode_step(tokens[:, t : t + 1], state, need_attention=True)
+        torch.testing.assert_close(step.logits[:, 0], logits[:, t], **TOL)
+        assert (step.self_attention[..., : max(t - 3, 0)] == 0).all()
+    unwindowed = randomize(make_lm(positional=positional, num_layers=1, kv_heads=2).double()).eval()
+    unwindowed.load_state_dict(lm.state_dict())
+    assert not torch.allclose(unwindowed(tokens)[:, 8], logits[:, 8])
+
+
+def test_window_must_be_a_positive_int() -> None:
+    with pytest.raises(ValueError, match="window must be an int >= 1; got 0"):
+        make_lm(window=0)
+
+
+def test_stream_yields_the_tokens_generate_appends_one_step_at_a_time() -> None:
+    lm = randomize(make_lm(positional="rotary")).eval()
+    prompt = torch.randint(0, 12, (2, 3), generator=torch.Generator().manual_seed(9))
+    whole = lm.generate(prompt, 6, generator=torch.Generator().manual_seed(1))
+    steps = lm.stream(prompt, 6, generator=torch.Generator().manual_seed(1))
+    first = next(steps)
+    assert first.shape == (2,) and torch.equal(first, whole[:, 3])
+    assert torch.equal(torch.stack([first, *steps], dim=1), whole[:, 3:])
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+        lm.stream(prompt, -2)

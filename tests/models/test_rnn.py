@@ -186,9 +186,9 @@ def test_config_dict_round_trip_and_unknown_keys() -> None:
     config = RNNConfig(20, 30, embed_dim=8, hidden_dim=16, layers=2, cell="lstm", attention="luong_dot", dropout=0.1)
     values = json.loads(json.dumps(config.to_dict()))
     assert RNNConfig.from_dict(values) == config
-    with pytest.raises(ValueError, match="unknown RNNConfig keys: colour, heads"):
+    with pytest.raises(ValueError, match=r"unknown RNNConfig key\(s\): 'heads', 'colour'; valid keys: src_vocab_size"):
         RNNConfig.from_dict({**values, "heads": 4, "colour": "red"})
-    with pytest.raises(ValueError, match="missing required keys: tgt_vocab_size"):
+    with pytest.raises(ValueError, match=r"RNNConfig needs key\(s\) 'tgt_vocab_size'"):
         RNNConfig.from_dict({"src_vocab_size": 10})
 
 
@@ -198,9 +198,9 @@ def test_config_dict_round_trip_and_unknown_keys() -> None:
         ({"cell": "rnn"}, "cell must be one of 'gru', 'lstm'; got 'rnn'"),
         ({"attention": "dot"}, "attention must be one of"),
         ({"hidden_dim": 7}, "hidden_dim must be even"),
-        ({"layers": 0}, "layers must be a positive int"),
-        ({"dropout": 1.0}, r"dropout must be a float in \[0, 1\)"),
-        ({"eos_id": 40}, r"eos_id must be an int in \[0, tgt_vocab_size=30\)"),
+        ({"layers": 0}, "layers must be an int >= 1; got 0"),
+        ({"dropout": 1.0}, r"dropout must be a probability in \[0, 1\); got 1.0"),
+        ({"eos_id": 40}, r"eos_id=40 must be < tgt_vocab_size=30"),
         ({"bos_id": 0}, "must differ"),
     ],
 )

@@ -14,7 +14,7 @@ from qkv.models import TransformerConfig, TransformerSeq2Seq
 from qkv.train import checkpoint_io as ckpt
 from qkv.train.config import Config
 from qkv.train.ddp import DistContext
-from qkv.train.trainer import Trainer
+from qkv.train.trainer import build_trainer, train
 from qkv.train.translate import Translator
 
 
@@ -145,7 +145,7 @@ def test_averaging_refuses_different_models(tmp_path):
 def test_loading_never_unpickles(tmp_path, monkeypatch, make_config):
     out = tmp_path / "run"
     config = Config.from_dict(make_config(out, training={"max_steps": 8, "valid_every": 8}))
-    Trainer(config, DistContext(), resume=False, echo=lambda line: None).run()
+    train(config, ctx=DistContext(), echo=lambda line: None)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("unpickling during load")
@@ -159,7 +159,7 @@ def test_loading_never_unpickles(tmp_path, monkeypatch, make_config):
     ckpt.load_checkpoint(out / "checkpoints" / ckpt.BEST_FILE)
     translator = Translator.load(out)
     assert len(translator.translate(["a b c"], beam=2)) == 1
-    resumed = Trainer(config, DistContext(), resume=True, echo=lambda line: None)
+    resumed = build_trainer(config, DistContext(), resume=True, echo=lambda line: None)
     assert resumed.step == 8 and resumed.run().step == 8
 
 

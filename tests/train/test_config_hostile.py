@@ -44,7 +44,7 @@ def test_a_long_bad_value_is_shown_cut_short(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     values = ", ".join(["123456"] * 5_000)
     config.write_text(f"data:\n  corpus: numbers\noutput:\n  dir: runs/x\ntraining:\n  max_steps: [{values}]\n")
-    with pytest.raises(ConfigError, match=r"training\.max_steps must be an integer >= 1; got \[123456, ") as e:
+    with pytest.raises(ConfigError, match=r"training\.max_steps must be an int >= 1; got \[123456, ") as e:
         load_config(config)
     assert len(str(e.value)) < 300
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from qkv.data.corpus import generate_corpus
 from qkv.train.config import Config
 from qkv.train.ddp import DistContext
-from qkv.train.trainer import Trainer, TrainResult
+from qkv.train.trainer import TrainResult, train
 
 
 def write_tsv(path: Path, pairs: list[tuple[str, str]]) -> dict[str, str]:
@@ -17,7 +17,7 @@ def write_tsv(path: Path, pairs: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def run(config: dict) -> TrainResult:
-    return Trainer(Config.from_dict(config), DistContext(), resume=False, echo=lambda line: None).run()
+    return train(Config.from_dict(config), ctx=DistContext(), echo=lambda line: None)
 
 
 def test_dropped_pairs_are_logged_and_the_test_split_is_scored(tmp_path, make_config):
@@ -39,6 +39,6 @@ def test_dropped_pairs_are_logged_and_the_test_split_is_scored(tmp_path, make_co
     )
     assert "valid split:" not in log  # nothing dropped there, nothing to say
     assert result.test_scores["sentences"] == 5
-    assert "test (5 sentences, exported model) | loss " in log
+    assert "test (exported model) | loss " in log and "  5 sentences | BLEU|nrefs:1" in log
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["split"] == "test" and records[-1]["sentences"] == 5

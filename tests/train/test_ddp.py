@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from qkv.train.config import Config
 from qkv.train.ddp import DistContext, shard_rows
-from qkv.train.trainer import Trainer
+from qkv.train.trainer import build_trainer
 
 # accumulate 2 exercises no_sync; no dropout, so the one-process run is the same computation. A larger Adam
 # epsilon: the keys' bias has a zero gradient in exact arithmetic (softmax ignores a constant shift), and
@@ -35,12 +35,12 @@ WORKER = textwrap.dedent(
     from qkv.models.checkpoint import tied_keys
     from qkv.train.config import load_config
     from qkv.train.ddp import distributed_session
-    from qkv.train.trainer import Trainer
+    from qkv.train.trainer import build_trainer
 
     torch.set_num_threads(1)
     config = load_config(sys.argv[1])
     with distributed_session("cpu") as ctx:
-        trainer = Trainer(config, ctx, resume=False, echo=lambda line: None)
+        trainer = build_trainer(config, ctx, echo=lambda line: None)
         result = trainer.run()
         state = trainer.model.state_dict()
         aliases = tied_keys(state)
@@ -85,11 +85,8 @@ def test_two_processes_keep_identical_parameters(tmp_path, make_config):
     # Only rank 0 writes: one log, checkpoints from rank 0's state.
     assert (tmp_path / "ddp_run" / "checkpoints" / "step_00000012.safetensors").is_file()
 
-    single = Trainer(
-        Config.from_dict(make_config(tmp_path / "single_run", **SECTIONS)),
-        DistContext(),
-        resume=False,
-        echo=lambda line: None,
+    single = build_trainer(
+        Config.from_dict(make_config(tmp_path / "single_run", **SECTIONS)), DistContext(), echo=lambda line: None
     )
     single.run()
     state = single.model.state_dict()

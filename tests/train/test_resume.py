@@ -75,7 +75,7 @@ def test_sigkilled_training_resumes_to_the_same_parameters(tmp_path, write_confi
     for index, entries in reference.optimizer["state"].items():
         for key, t in entries.items():
             torch.testing.assert_close(resumed.optimizer["state"][index][key], t, rtol=0, atol=1e-6)
-    assert resumed.state["batcher"] == reference.state["batcher"]
+    assert resumed.state["batches"] == reference.state["batches"]
 
 
 def test_training_into_a_directory_with_checkpoints_needs_resume(tmp_path, write_config, capsys):

@@ -10,13 +10,12 @@ from qkv.data.corpus import generate_corpus, write_corpus
 from qkv.train.checkpoint_io import step_checkpoints
 from qkv.train.config import Config
 from qkv.train.ddp import DistContext
-from qkv.train.trainer import Trainer
+from qkv.train.trainer import TrainResult, train
 from qkv.train.translate import Translator
 
 
-def run(config: dict, resume: bool = False):
-    trainer = Trainer(Config.from_dict(config), DistContext(), resume=resume, echo=lambda line: None)
-    return trainer.run()
+def run(config: dict, resume: bool = False) -> TrainResult:
+    return train(Config.from_dict(config), resume=resume, ctx=DistContext(), echo=lambda line: None)
 
 
 def test_early_stopping_stops_and_stays_stopped(tmp_path, make_config):

@@ -113,6 +113,34 @@ def test_errors():
         render_html(ATTENTION * np.nan, TOKENS)
 
 
+def test_causal_kinds():
+    data = view_data(ATTENTION, TOKENS, causal=True)
+    assert data["kinds"][0]["causal"] is True
+    assert view_data(ATTENTION, TOKENS)["kinds"][0]["causal"] is False
+    cross = np.ones((1, 1, 2, 3)) / 3
+    named = view_data(
+        {"decoder": ATTENTION, "cross": cross},
+        {"decoder": TOKENS, "cross": ["x", "y"]},
+        key_tokens={"cross": ["a", "b", "c"]},
+        causal=["decoder"],
+    )
+    assert [(k["name"], k["causal"]) for k in named["kinds"]] == [("decoder", True), ("cross", False)]
+    # Bottom-right aligned when L < S: the last of 2 queries sees all 3 keys, the first only 2.
+    bottom_right = np.array([[[[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]]])
+    assert view_data(bottom_right, ["x", "y"], key_tokens=["a", "b", "c"], causal=True)["kinds"][0]["causal"]
+
+
+def test_causal_errors():
+    with pytest.raises(ValueError, match=r"marked causal but weight \[0, 0, 0, 1\] = 0.4 lies above the diagonal"):
+        render_html(np.array([[[[0.6, 0.4], [0.5, 0.5]]]]), ["a", "b"], causal=True)
+    with pytest.raises(ValueError, match=r"causal names \['encoder'\], which are not kinds"):
+        render_html({"decoder": ATTENTION}, TOKENS, causal=["encoder"])
+    with pytest.raises(ValueError, match="marked causal but has L = 3 > S = 2"):
+        render_html(np.ones((1, 1, 3, 2)) / 2, ["a", "b", "c"], key_tokens=["x", "y"], causal=True)
+    with pytest.raises(ValueError, match="not one string 'decoder'"):
+        render_html({"decoder": ATTENTION}, TOKENS, causal="decoder")
+
+
 # ---- in a real browser ------------------------------------------------------------------------------------------
 
 
@@ -349,6 +377,42 @@ def test_browser_several_kinds(chromium, tmp_path):
     lines = drawn_lines(dom)
     assert lines.keys() == {(2, i, j) for i in range(4) for j in range(3)}
     np.testing.assert_allclose([lines[(2, i, j)] for i in range(4) for j in range(3)], shown[1, 2].ravel(), atol=5e-4)
+
+
+# Reads back what the thumbnail of layer 0, head 0 painted: its top-right cell (masked when causal) and its
+# bottom-left cell (a weight), as "r,g,b,a".
+THUMBNAIL_PIXELS = """
+    const canvas = document.querySelector('.thumb[data-layer="0"][data-head="0"] canvas');
+    const ctx = canvas.getContext("2d");
+    const pixel = (x, y) => Array.from(ctx.getImageData(x, y, 1, 1).data).join(",");
+    document.body.dataset.masked = pixel(canvas.width - 1, 0);
+    document.body.dataset.seen = pixel(0, canvas.height - 1);
+"""
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_browser_causal_view_greys_out_what_a_token_cannot_see(chromium, tmp_path, causal):
+    path = tmp_path / "causal.html"
+    page = render_html(ATTENTION, TOKENS, causal=causal)
+    path.write_text(page.replace("</body>", f"<script>{THUMBNAIL_PIXELS}</script></body>"), encoding="utf-8")
+
+    dom = load(chromium, tmp_path, path.as_uri() + "#token=2")
+    check_lines(dom, expected_lines(0, range(HEADS), rows=[2]))
+    masked = [int(a["data-index"]) for a, _ in dom.find("text", class_="masked")]
+    assert masked == ([3, 4, 5] if causal else [])
+    assert all("right" in a["class"] for a, _ in dom.find("text", class_="masked"))
+    ((note, text),) = dom.find("p", id="kind-note")
+    assert ("hidden" not in note and text.startswith("Causal: each token attends only to itself")) == causal
+    ((body, _),) = dom.find("body")
+    masked_cell = tuple(map(int, body["data-masked"].split(",")))
+    seen_cell = tuple(map(int, body["data-seen"].split(",")))
+    # Opaque grey where the mask hides a key; a weight of 0 is transparent, a weight > 0 partly opaque.
+    assert masked_cell == (230, 230, 230, 255) if causal else masked_cell[3] == 0
+    assert 0 < seen_cell[3] < 255
+
+    by_key = load(chromium, tmp_path, path.as_uri() + "#key=2")
+    masked = [(a["class"], int(a["data-index"])) for a, _ in by_key.find("text", class_="masked")]
+    assert masked == ([("token left masked", 0), ("token left masked", 1)] if causal else [])
 
 
 def test_browser_screenshot(default_view):

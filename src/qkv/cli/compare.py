@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import qkv
+from qkv.checks import int_at_least
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,7 @@ def check_sizes(args: argparse.Namespace) -> None:
     """``ValueError`` naming the first of ``--batch``, ``--heads``, ``--length``, ``--head-dim``, ``--repeats``
     that is not a positive int."""
     for option in ("batch", "heads", "length", "head_dim", "repeats"):
-        value = getattr(args, option)
-        if value < 1:
-            raise ValueError(f"--{option.replace('_', '-')} must be a positive integer; got {value}")
+        int_at_least(f"--{option.replace('_', '-')}", getattr(args, option), expected="a positive integer")
 
 
 def format_table(rows: list[Comparison]) -> str:

@@ -1,10 +1,16 @@
-"""``qkv demo``: the main job on the built-in default, what ``make demo`` runs.
+"""``qkv demo [translation|lm]``: a job on built-in data, start to finish; ``make demo`` runs the first.
+
+``qkv demo`` (``translation``):
 
 1. generates the built-in dates corpus (US English → German) and trains a small Transformer on it
    (the built-in ``demo`` config, a few minutes on 2 CPU cores);
 2. scores it on the held-out test split: exact match, BLEU and chrF (sacrebleu, with signatures);
 3. translates a few test sentences with beam search and writes the cross-attention alignment of one of
    them as a PNG, source tokens on one axis and output tokens on the other.
+
+``qkv demo lm``: a small character-level GPT (the built-in ``lm_demo`` config, at most about 2.5 minutes
+on 2 CPU cores) on the English documentation that ships with Python; it prints samples of the untrained
+model, trains, then prints samples and the held-out bits per character of the trained one.
 
 ``--resume`` continues an interrupted demo; ``--set`` overrides the config (e.g. ``training.max_steps=200``
 for a quick look).
@@ -18,7 +24,10 @@ import time
 from pathlib import Path
 
 DEMO_CONFIG = "demo"
+LM_DEMO_CONFIG = "lm_demo"
 EXAMPLES = 6
+LM_PROMPTS = ("The if statement", "def ")
+LM_SAMPLE_TOKENS = 48  # with the longer prompt, within the demo model's 64 positions
 
 
 def _section(title: str) -> None:
@@ -30,6 +39,11 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The demo ``args.which`` names; returns the exit status."""
+    return run_lm(args) if args.which == "lm" else run_translation(args)
+
+
+def run_translation(args: argparse.Namespace) -> int:
     """Train, evaluate, translate and plot; returns the exit status."""
     from qkv.data.parallel import DataError
     from qkv.train.checkpoint_io import CheckpointError
@@ -41,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
-        config = load_config(DEMO_CONFIG, [f"output.dir={args.out}", *args.overrides])
+        config = load_config(DEMO_CONFIG, [f"output.dir={args.out or 'runs/demo'}", *args.overrides])
     except ConfigError as e:
         print(f"qkv demo: error: {e}", file=sys.stderr)
         return 2
@@ -89,10 +103,86 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_lm(args: argparse.Namespace) -> int:
+    """Sample an untrained GPT, train it, sample it again and score the held-out text; the exit status."""
+    import torch
+
+    from qkv.data.parallel import DataError
+    from qkv.models.lm import TransformerLM
+    from qkv.train.checkpoint_io import CheckpointError
+    from qkv.train.config import ConfigError, load_config
+    from qkv.train.ddp import DistContext
+    from qkv.train.lm_inference import LanguageModel
+    from qkv.train.tasks.lm import LanguageModelingTask
+    from qkv.train.trainer import TrainError, TrainInterrupted, seed_everything, train
+
+    start = time.perf_counter()
+    try:
+        config = load_config(LM_DEMO_CONFIG, [f"output.dir={args.out or 'runs/demo-lm'}", *args.overrides])
+    except ValueError as e:  # ConfigError, from the trainer's sections or the task's
+        print(f"qkv demo: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(config.output.dir)
+    resume = args.resume or (out / "checkpoints").is_dir()
+
+    _section("1. A small GPT before training: samples from random weights")
+    try:
+        task = LanguageModelingTask(config, DistContext(), lambda line: None)
+        task.prepare(resume=resume)
+        seed_everything(config.training.seed)  # the weights training starts from
+        untrained = task.build_model().eval()
+        assert isinstance(untrained, TransformerLM)
+    except (ValueError, OSError) as e:  # DataError, ConfigError, a write of the tokenizer
+        print(f"qkv demo: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{task.describe()}\n{sum(p.numel() for p in untrained.parameters()):,} parameters")
+    for prompt in LM_PROMPTS:
+        sample = task.sample(untrained, torch.device("cpu"), LM_SAMPLE_TOKENS, prompt=prompt)
+        print(f"  {prompt!r} → {sample!r}")
+
+    _section("2. Training it on Python's documentation, one character at a time")
+    try:
+        train(config, resume=resume)
+    except TrainInterrupted as e:
+        print(f"qkv demo: error: {e} (qkv demo lm --out {out} continues)", file=sys.stderr)
+        return 130
+    except (ConfigError, DataError, TrainError, CheckpointError) as e:
+        print(f"qkv demo: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"qkv demo: error: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+
+    _section("3. After training: samples, and how well it predicts the held-out text")
+    lm = LanguageModel.load(out)
+    for prompt in LM_PROMPTS:
+        text = "".join(lm.generate(prompt, LM_SAMPLE_TOKENS, seed=config.training.seed))
+        print(f"  {prompt!r} → {text!r}")
+    score = lm.evaluate(task.read_text()[1])
+    print(
+        f"\nheld-out text ({score.chars:,} characters): {score.bpc:.3f} bits per character, "
+        f"perplexity {score.ppl:.2f} per token"
+    )
+    print(
+        f'\ndone in {time.perf_counter() - start:.0f} s. Next: `qkv generate --model {out} --prompt "class"`, '
+        f'`qkv evaluate --model {out} --text FILE`, `qkv show --model {out} "def f(x):"`.'
+    )
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
-    p = sub.add_parser("demo", help="train, evaluate and show a translation model on the built-in corpus")
-    p.add_argument("--out", default="runs/demo", metavar="DIR", help="model directory (default runs/demo)")
+    p = sub.add_parser(
+        "demo", help="train, evaluate and show a translation model (or, with `lm`, a small GPT) on built-in data"
+    )
+    p.add_argument(
+        "which",
+        nargs="?",
+        choices=("translation", "lm"),
+        default="translation",
+        help="translation (default): dates into German; lm: a character-level GPT on Python's documentation",
+    )
+    p.add_argument("--out", metavar="DIR", help="model directory (default runs/demo, or runs/demo-lm for the lm demo)")
     p.add_argument(
         "--set",
         dest="overrides",

@@ -1,4 +1,5 @@
-"""``qkv evaluate --model DIR --src FILE --ref FILE [--beam N]``: translate a test set and score it.
+"""``qkv evaluate --model DIR --src FILE --ref FILE [--beam N]``: translate a test set and score it;
+``qkv evaluate --model DIR --text FILE``: score a text under a language model.
 
 Prints corpus BLEU and chrF with their sacrebleu signatures (scores are comparable only under equal
 signatures) and the exact-match rate::
@@ -10,6 +11,13 @@ signatures) and the exact-match rate::
 ``--hyp FILE`` also writes the translations, a chunk of lines at a time as they are done (its directory is
 checked before any work); ``--json`` prints the scores as one JSON object instead. The decoding options
 are ``qkv translate``'s.
+
+With ``--text FILE`` and a language model directory (``task: lm``) it prints the loss (nats per token),
+perplexity, and bits per character and per UTF-8 byte of the whole file (see
+:mod:`qkv.train.lm_inference`)::
+
+    loss = 1.4321 nats/token, perplexity = 4.19 (111,540 tokens)
+    bits per character = 2.066 (111,540 characters), bits per byte = 2.066 (111,540 bytes)
 """
 
 from __future__ import annotations
@@ -31,13 +39,15 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="translate a test set and report BLEU, chrF and exact match",
+        help="translate a test set and report BLEU, chrF and exact match, or score a text under a language model",
         description="Translate --src with a model directory and score the translations against --ref "
-        "(sacrebleu BLEU and chrF with signatures, exact match).",
+        "(sacrebleu BLEU and chrF with signatures, exact match); or, with --text and a language model, "
+        "report the text's loss, perplexity and bits per character and byte.",
     )
     p.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory (qkv train's output.dir)")
-    p.add_argument("--src", type=Path, required=True, metavar="FILE", help="source sentences, one a line")
-    p.add_argument("--ref", type=Path, required=True, metavar="FILE", help="reference translations, line by line")
+    p.add_argument("--src", type=Path, metavar="FILE", help="source sentences, one a line")
+    p.add_argument("--ref", type=Path, metavar="FILE", help="reference translations, line by line")
+    p.add_argument("--text", type=Path, metavar="FILE", help="a UTF-8 text to score under a language model")
     p.add_argument("--beam", type=int, default=5, metavar="N", help="beam size; 1 is greedy search (default 5)")
     add_decoding_options(p)
     p.add_argument("--hyp", type=Path, metavar="FILE", help="also write the translations to FILE")
@@ -51,8 +61,44 @@ def _fail(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.text is not None:
+        if args.src is not None or args.ref is not None:
+            return _fail("give --text (a language model) or --src and --ref (a translation model), not both")
+        return run_lm(args)
+    if args.src is None or args.ref is None:
+        return _fail(f"{'--src' if args.src is None else '--ref'} is required (or --text for a language model)")
+    return run_translation(args)
+
+
+def run_lm(args: argparse.Namespace) -> int:
+    """Score ``--text`` under the language model ``--model``."""
+    from qkv.data.parallel import DataError
+    from qkv.data.text import read_text
+    from qkv.train.lm_inference import LanguageModel
+
+    try:
+        text = read_text(args.text)
+        lm = LanguageModel.load(args.model, device=args.device)
+        result = lm.evaluate(text)
+    except (OSError, ValueError, DataError) as e:
+        return _fail(str(e))
+    if args.json:
+        print(json.dumps({**result.to_dict(), "model": str(args.model), "text": str(args.text)}, indent=2))
+    else:
+        print(f"loss = {result.loss:.4f} nats/token, perplexity = {result.ppl:.2f} ({result.tokens:,} tokens)")
+        print(
+            f"bits per character = {result.bpc:.3f} ({result.chars:,} characters), "
+            f"bits per byte = {result.bpb:.3f} ({result.bytes:,} bytes)"
+        )
+    return 0
+
+
+def run_translation(args: argparse.Namespace) -> int:
+    """Translate ``--src`` and score it against ``--ref``."""
     from qkv.data.parallel import DataError, read_lines
+    from qkv.models.lm import TransformerLM
     from qkv.train.evaluate import score
+    from qkv.train.lm_inference import model_type_of
     from qkv.train.translate import Translator, check_decoding_options, output_length_cap
 
     try:
@@ -65,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.hyp is not None:
             check_output_file(args.hyp, "--hyp")
+        if model_type_of(args.model) == TransformerLM.model_type:
+            raise ValueError(
+                f"{args.model} holds a language model; score a text with qkv evaluate --model {args.model} "
+                "--text FILE, or sample with qkv generate"
+            )
         sources, references = read_lines(args.src), read_lines(args.ref)
         if len(sources) != len(references):
             raise ValueError(

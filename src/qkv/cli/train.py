@@ -1,8 +1,9 @@
-"""``qkv train CONFIG.yaml [--set KEY=VALUE ...] [--resume]``: train a translation model.
+"""``qkv train CONFIG.yaml [--set KEY=VALUE ...] [--resume]``: train a model for a task.
 
-The config (the built-in ``reference`` lists every option) names the data, the model, the optimisation and the
-output
-directory, which becomes a model directory for ``qkv translate`` and ``qkv evaluate``. ``--set`` overrides
+The config (the built-in ``reference`` lists every option) names the task (``translation``, the default, or
+``lm``), the data, the model, the optimisation and its budget (steps, epochs, wall-clock time) and the output
+directory, which becomes a model directory for the task's commands (``qkv translate``, ``qkv generate``,
+``qkv evaluate``). ``--set`` overrides
 a key (``--set training.lr=1e-3 --set output.dir=runs/b``); ``--resume`` continues from the newest
 checkpoint in the output directory, with the same batches and random numbers an uninterrupted run would
 have used. Several processes: ``torchrun --nproc_per_node=N -m qkv train CONFIG.yaml``.
@@ -23,6 +24,7 @@ examples:
   qkv train demo                                   the built-in demo: dates → German, a small Transformer
   qkv train demo --set training.max_steps=500 --set output.dir=runs/short
   qkv train demo --resume                          continue after an interruption
+  qkv train my.yaml --set training.max_time=30m    stop after 30 minutes (and export), whatever max_steps says
   torchrun --nproc_per_node=2 -m qkv train demo    two processes, data parallel
 """
 
@@ -30,9 +32,9 @@ examples:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a translation model from a YAML config",
-        description="Train a sequence-to-sequence model as CONFIG.yaml says (the built-in config `reference` "
-        "lists every option), writing a model directory with checkpoints, logs and the exported model.",
+        help="train a model (translation, language model) from a YAML config",
+        description="Train the model of a task (translation or lm) as CONFIG.yaml says (the built-in config "
+        "`reference` lists every option), writing a model directory with checkpoints, logs and the exported model.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -80,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         where = f"{e.filename}: " if e.filename else ""
         return _fail(f"cannot write {where}{e.strerror or e}")
     stop = " (stopped early)" if result.stopped_early else ""
+    if result.ended_by in ("max_epochs", "max_time"):
+        stop = f" (training.{result.ended_by} reached)"
     best = (
         f"best {result.best_metric} {result.best_score:.4g} at step {result.best_step}; "
         if result.best_score is not None

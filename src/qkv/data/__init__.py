@@ -1,4 +1,5 @@
-"""Data for translation: built-in corpora, the user's parallel text, tokenizers and batching.
+"""Data for translation and language modelling: built-in corpora, the user's parallel or running text
+(:mod:`qkv.data.text`), tokenizers and batching.
 
 ``qkv.data`` sits beside ``qkv.models`` and imports neither it nor ``qkv.train`` or ``qkv.cli``. The
 optional libraries (num2words, babel, sentencepiece: the ``data`` extra) are imported only when used.
@@ -39,6 +40,15 @@ from qkv.data.parallel import (
     load_tsv,
     read_lines,
 )
+from qkv.data.text import (
+    BUILTIN_TEXTS,
+    RandomBlocks,
+    builtin_text,
+    read_texts,
+    score_windows,
+    split_text,
+    token_stream,
+)
 from qkv.data.tokenizer import (
     BOS_ID,
     EOS_ID,
@@ -46,6 +56,7 @@ from qkv.data.tokenizer import (
     SPECIAL_TOKENS,
     TOKENIZERS,
     UNK_ID,
+    ByteTokenizer,
     CharTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
@@ -57,15 +68,18 @@ from qkv.data.tokenizer import (
 
 __all__ = [
     "BOS_ID",
+    "BUILTIN_TEXTS",
     "CORPORA",
     "EOS_ID",
     "PAD_ID",
+    "RandomBlocks",
     "SPECIAL_TOKENS",
     "SPLITS",
     "TOKENIZERS",
     "UNK_ID",
     "Batch",
     "BatchPosition",
+    "ByteTokenizer",
     "CharTokenizer",
     "Corpus",
     "CorpusStats",
@@ -77,6 +91,7 @@ __all__ = [
     "TokenBatcher",
     "Tokenizer",
     "WordTokenizer",
+    "builtin_text",
     "collate",
     "encode_pairs",
     "filter_pairs",
@@ -87,8 +102,12 @@ __all__ = [
     "load_tsv",
     "padded_tokens",
     "read_lines",
+    "read_texts",
     "restore_order",
+    "score_windows",
     "split_paths",
+    "split_text",
+    "token_stream",
     "train_tokenizer",
     "write_corpus",
 ]

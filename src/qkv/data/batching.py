@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from qkv.checks import int_at_least
 from qkv.data.parallel import DataError
 from qkv.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Example
 
@@ -115,8 +116,7 @@ def collate(
 
 
 def _check_examples(examples: Sequence[Example], max_tokens: int) -> None:
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
-        raise DataError(f"max_tokens must be an integer >= 2 (one source token, BOS/EOS); got {max_tokens!r}")
+    int_at_least("max_tokens", max_tokens, 2, expected="an integer >= 2 (one source token, BOS/EOS)", error=DataError)
     if len(examples) == 0:
         raise DataError("no examples to batch; expected at least one (source ids, target ids) pair")
     for i, (src, tgt) in enumerate(examples):
@@ -197,8 +197,7 @@ class TokenBatcher:
             DataError: no examples, an empty source, or an example alone over ``max_tokens``.
         """
         _check_examples(examples, max_tokens)
-        if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
-            raise DataError(f"bucket_size must be a positive integer; got {bucket_size!r}")
+        int_at_least("bucket_size", bucket_size, expected="a positive integer", error=DataError)
         self.examples = examples
         self.max_tokens = max_tokens
         self.seed = seed

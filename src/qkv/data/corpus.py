@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qkv.checks import fraction, int_at_least, positive_number
 from qkv.data.parallel import DataError, Pair
 
 SPLITS = ("train", "valid", "test")
@@ -280,11 +281,9 @@ def _installed(module: str) -> bool:
 def _check_arguments(name: str, size: int, valid_fraction: float, test_fraction: float) -> CorpusTask:
     if name not in CORPORA:
         raise DataError(f"unknown corpus {name!r}; expected one of {', '.join(CORPORA)}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise DataError(f"size must be a positive integer (pairs in all splits together); got {size!r}")
+    int_at_least("size", size, expected="a positive integer (pairs in all splits together)", error=DataError)
     for arg, value in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
-        if not 0 <= value < 1:
-            raise DataError(f"{arg} must be in [0, 1); got {value}")
+        fraction(arg, value, expected="in [0, 1)", error=DataError)
     if valid_fraction + test_fraction >= 1:
         raise DataError(
             f"valid_fraction + test_fraction must be below 1 to leave pairs for training; "
@@ -327,8 +326,8 @@ def generate_corpus(
             (the task has fewer than ``size``, or nearly every conversion failed).
     """
     task = _check_arguments(name, size, valid_fraction, test_fraction)
-    if time_limit is not None and not time_limit > 0:
-        raise DataError(f"time_limit must be a positive number of seconds or None; got {time_limit}")
+    if time_limit is not None:
+        positive_number("time_limit", time_limit, expected="a positive number of seconds or None", error=DataError)
     rng = random.Random(f"qkv-corpus:{name}:{seed}")
     started = time.perf_counter()
     seen_items: set[Hashable] = set()

@@ -20,12 +20,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from qkv.checks import ConfigError, int_at_least
+
 Pair = tuple[str, str]
 PathLike = str | os.PathLike
 
 
-class DataError(ValueError):
-    """Data that cannot be used as given; the message names the file (or argument), what was got and expected."""
+class DataError(ConfigError):
+    """Data that cannot be used as given; the message names the file (or argument), what was got and expected.
+
+    A :class:`~qkv.checks.ConfigError`, so one ``except ConfigError`` catches every bad input."""
 
 
 @dataclass(frozen=True)
@@ -177,8 +181,8 @@ def filter_pairs(
         max_tokens: the most whitespace-separated tokens a side may have (``None``: no limit).
     """
     for name, value in (("max_chars", max_chars), ("max_tokens", max_tokens)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise DataError(f"{name} must be a positive integer or None; got {value!r}")
+        if value is not None:
+            int_at_least(name, value, expected="a positive integer or None", error=DataError)
     kept: list[Pair] = []
     total = empty = long = 0
     for src, tgt in pairs:

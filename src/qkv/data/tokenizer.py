@@ -13,6 +13,9 @@ Every tokenizer has the same special ids, ``pad_id=0``, ``bos_id=1``, ``eos_id=2
 :class:`CharTokenizer`    one id per character; the vocabulary is the training text's characters. Fits
                           the built-in number and date corpora, whose German compounds are long "words".
 :class:`WordTokenizer`    one id per whitespace-separated word.
+:class:`ByteTokenizer`    one id per UTF-8 byte (256 ids after the special ones): needs no training and
+                          has no unknown units; a language model's output may be invalid UTF-8, which
+                          decodes with ``U+FFFD`` in place of each bad sequence.
 :class:`SentencePieceTokenizer`  subwords learnt by the sentencepiece library (unigram or BPE) from the
                           training text (``data`` extra). Text is not normalised (SentencePiece's
                           ``identity`` rule), so the round trip is exact.
@@ -246,6 +249,46 @@ class CharTokenizer(_VocabTokenizer):
         return list(text)
 
 
+class ByteTokenizer(Tokenizer):
+    """One id per UTF-8 byte: byte ``b`` is id ``4 + b`` (``vocab_size`` 260); nothing to train.
+
+    ``decode`` writes each invalid UTF-8 sequence (a model can sample any byte order) as ``U+FFFD``
+    (``errors="replace"``) and ``unk_id`` as ``⁇``.
+    """
+
+    kind = "byte"
+    offset: ClassVar[int] = len(SPECIAL_TOKENS)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.offset + 256
+
+    def encode(self, text: str) -> list[int]:
+        return [self.offset + b for b in text.encode("utf-8")]
+
+    def _decode(self, ids: list[int]) -> str:
+        pieces, run = [], bytearray()
+        for i in ids:
+            if i == UNK_ID:
+                pieces += [run.decode("utf-8", errors="replace"), UNK_TEXT]
+                run = bytearray()
+            else:
+                run.append(i - self.offset)
+        return "".join(pieces) + run.decode("utf-8", errors="replace")
+
+    def _config(self, json_path: Path) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def _from_config(cls, config: dict[str, Any], json_path: Path) -> Tokenizer:
+        return cls()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class WordTokenizer(_VocabTokenizer):
     """One id per whitespace-separated word; ``decode`` joins them with single spaces."""
 
@@ -294,6 +337,7 @@ class SentencePieceTokenizer(Tokenizer):
         vocab_size: int = 8000,
         model_type: str = "unigram",
         character_coverage: float = 1.0,
+        user_defined_symbols: Sequence[str] = (),
     ) -> SentencePieceTokenizer:
         """Learn a SentencePiece model from ``texts`` (in memory; no file is written).
 
@@ -304,6 +348,9 @@ class SentencePieceTokenizer(Tokenizer):
             model_type: ``"unigram"`` or ``"bpe"``.
             character_coverage: the share of characters the vocabulary must cover (rarer characters map to
                 ``unk_id``); 1.0 keeps all, 0.9995 suits scripts with many rare characters.
+            user_defined_symbols: strings that are always one piece, even where ``texts`` never has them;
+                ``("\\n",)`` lets running text (a language model's) keep its line breaks, which the
+                one-line training sentences cannot teach.
 
         Raises:
             DataError: no text, a bad argument, or ``vocab_size`` below what the text's characters need.
@@ -334,6 +381,7 @@ class SentencePieceTokenizer(Tokenizer):
                 remove_extra_whitespaces=False,
                 hard_vocab_limit=False,  # a soft limit: a small text gets a smaller vocabulary, not an error
                 input_sentence_size=SENTENCEPIECE_MAX_SENTENCES,
+                user_defined_symbols=list(user_defined_symbols),
                 shuffle_input_sentence=True,
                 num_threads=1,  # for a deterministic model
                 minloglevel=2,
@@ -407,6 +455,7 @@ class SentencePieceTokenizer(Tokenizer):
 TOKENIZERS: dict[str, type[Tokenizer]] = {
     CharTokenizer.kind: CharTokenizer,
     WordTokenizer.kind: WordTokenizer,
+    ByteTokenizer.kind: ByteTokenizer,
     SentencePieceTokenizer.kind: SentencePieceTokenizer,
 }
 
@@ -419,9 +468,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 def train_tokenizer(
     kind: str, texts: Iterable[str], *, vocab_size: int | None = None, model_type: str | None = None
 ) -> Tokenizer:
-    """A tokenizer of ``kind`` (``"char"``, ``"word"`` or ``"sentencepiece"``) trained on ``texts``.
+    """A tokenizer of ``kind`` (``"char"``, ``"word"``, ``"byte"`` or ``"sentencepiece"``) trained on ``texts``.
 
-    ``vocab_size``: the most ids (``None``: every unit for char and word, 8000 for sentencepiece);
+    ``vocab_size``: the most ids (``None``: every unit for char and word, 8000 for sentencepiece; the byte
+    tokenizer has 260 and takes none);
     ``model_type``: the sentencepiece model, ``"unigram"`` (the default) or ``"bpe"``.
     """
     if kind not in TOKENIZERS:
@@ -432,6 +482,10 @@ def train_tokenizer(
         )
     if model_type is not None:
         raise DataError(f"model_type is for the sentencepiece tokenizer; the {kind} tokenizer has none")
+    if kind == ByteTokenizer.kind:
+        if vocab_size is not None:
+            raise DataError(f"the byte tokenizer has a fixed vocabulary of 260 ids; got vocab_size {vocab_size}")
+        return ByteTokenizer()
     vocab_tokenizer = TOKENIZERS[kind]
     assert issubclass(vocab_tokenizer, _VocabTokenizer), kind
     return vocab_tokenizer.train(texts, vocab_size=vocab_size)

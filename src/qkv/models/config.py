@@ -2,7 +2,8 @@
 
 ``Config.from_dict(d)`` builds one from a parsed JSON/YAML mapping and rejects unknown keys (naming them
 and the valid ones), so a typo in a config file is an error, not a silently ignored option;
-``config.to_dict()`` is the inverse (what ``config.json`` of a checkpoint holds).
+``config.to_dict()`` is the inverse (what ``config.json`` of a checkpoint holds). Both come from
+:class:`qkv.checks.StrictConfig`; each field declares its check, and ``check`` holds those across fields.
 
 :class:`EncoderConfig` uses the field names of Hugging Face's ``BertConfig``, so a BERT ``config.json``
 maps onto it key for key.
@@ -10,97 +11,50 @@ maps onto it key for key.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, TypeVar
+from dataclasses import dataclass
+
+from qkv.checks import (
+    ConfigError,
+    StrictConfig,
+    boolean,
+    int_at_least,
+    one_of,
+    option,
+    optional,
+    positive_number,
+    probability,
+    required,
+)
+from qkv.nn.transformer_layers import ACTIVATIONS
 
 POSITIONALS = ("sinusoidal", "learned", "rotary")
-ACTIVATIONS = ("relu", "gelu")
-
-C = TypeVar("C", bound="_Config")
-
-
-def _int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-    return value
-
-
-def _probability(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1); got {value!r}")
-    return float(value)
-
-
-def _positive_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number; got {value!r}")
-    return float(value)
-
-
-def _bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false; got {value!r}")
-    return value
-
-
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    assert isinstance(value, str)
-    return value
 
 
 def _heads(d_model: int, num_heads: int, kv_heads: int | None, positional: str | None = None) -> None:
     """Cross-field checks of the attention geometry (names as in the seq2seq and LM configs)."""
     if d_model % num_heads:
-        raise ValueError(f"d_model={d_model} must be a multiple of num_heads={num_heads}")
+        raise ConfigError(f"d_model={d_model} must be a multiple of num_heads={num_heads}")
     if kv_heads is not None and num_heads % kv_heads:
-        raise ValueError(f"num_heads={num_heads} must be a multiple of kv_heads={kv_heads}")
+        raise ConfigError(f"num_heads={num_heads} must be a multiple of kv_heads={kv_heads}")
     if positional == "sinusoidal" and d_model % 2:
-        raise ValueError(f"sinusoidal positions need an even d_model; got d_model={d_model}")
+        raise ConfigError(f"sinusoidal positions need an even d_model; got d_model={d_model}")
     if positional == "rotary" and (d_model // num_heads) % 2:
-        raise ValueError(
+        raise ConfigError(
             f"rotary positions need an even head dimension; got d_model/num_heads = {d_model}/{num_heads} "
             f"= {d_model // num_heads}"
         )
 
 
-def _id(name: str, value: object, vocab_name: str, vocab_size: int) -> int:
-    value = _int(name, value, minimum=0)
-    if value >= vocab_size:
-        raise ValueError(f"{name}={value} must be < {vocab_name}={vocab_size}")
-    return value
-
-
-class _Config:
-    """``from_dict`` / ``to_dict`` shared by the config dataclasses."""
-
-    @classmethod
-    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
-        """Build from a mapping; unknown or missing keys are a ``ValueError`` naming them."""
-        if not isinstance(data, Mapping):
-            raise TypeError(f"{cls.__name__}.from_dict needs a mapping; got {type(data).__name__}")
-        names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-        unknown = [key for key in data if key not in names]
-        if unknown:
-            raise ValueError(
-                f"unknown {cls.__name__} key(s): {', '.join(map(repr, unknown))}; valid keys: {', '.join(names)}"
-            )
-        required = [f.name for f in fields(cls) if f.default is MISSING]  # type: ignore[arg-type]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise ValueError(f"{cls.__name__} needs key(s) {', '.join(map(repr, missing))}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict (``from_dict(to_dict())`` is an equal config)."""
-        return asdict(self)  # type: ignore[call-overload]
+def check_token_ids(vocab_name: str, vocab_size: int, **ids: int | None) -> None:
+    """Cross-field check: each special token id of ``ids`` (an int >= 0, or ``None`` for unset) is below
+    ``vocab_size``; the message names the id and the vocabulary (``eos_id=40 must be < tgt_vocab_size=30``)."""
+    for name, value in ids.items():
+        if value is not None and value >= vocab_size:
+            raise ConfigError(f"{name}={value} must be < {vocab_name}={vocab_size}")
 
 
 @dataclass
-class TransformerConfig(_Config):
+class TransformerConfig(StrictConfig):
     """An encoder-decoder Transformer (:class:`~qkv.models.TransformerSeq2Seq`).
 
     Attributes:
@@ -124,55 +78,43 @@ class TransformerConfig(_Config):
         pad_id, bos_id, eos_id: special token ids (``pad_id`` in both vocabularies).
     """
 
-    src_vocab_size: int
-    tgt_vocab_size: int
-    d_model: int = 512
-    num_heads: int = 8
-    kv_heads: int | None = None
-    encoder_layers: int = 6
-    decoder_layers: int = 6
-    ffn_dim: int = 2048
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0
-    activation: str = "relu"
-    norm_first: bool = False
-    positional: str = "sinusoidal"
-    max_positions: int = 1024
-    tie_embeddings: bool = True
-    shared_vocab: bool = False
-    layer_norm_eps: float = 1e-5
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
+    src_vocab_size: int = required(int_at_least)
+    tgt_vocab_size: int = required(int_at_least)
+    d_model: int = option(512, int_at_least)
+    num_heads: int = option(8, int_at_least)
+    kv_heads: int | None = option(None, optional(int_at_least))
+    encoder_layers: int = option(6, int_at_least)
+    decoder_layers: int = option(6, int_at_least)
+    ffn_dim: int = option(2048, int_at_least)
+    dropout: float = option(0.1, probability)
+    attention_dropout: float = option(0.0, probability)
+    activation_dropout: float = option(0.0, probability)
+    activation: str = option("relu", one_of, ACTIVATIONS)
+    norm_first: bool = option(False, boolean)
+    positional: str = option("sinusoidal", one_of, POSITIONALS)
+    max_positions: int = option(1024, int_at_least)
+    tie_embeddings: bool = option(True, boolean)
+    shared_vocab: bool = option(False, boolean)
+    layer_norm_eps: float = option(1e-5, positive_number)
+    pad_id: int = option(0, int_at_least, 0)
+    bos_id: int = option(1, int_at_least, 0)
+    eos_id: int = option(2, int_at_least, 0)
 
-    def __post_init__(self) -> None:
-        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "ffn_dim", "max_positions"):
-            _int(name, getattr(self, name))
-        for name in ("encoder_layers", "decoder_layers"):
-            _int(name, getattr(self, name))
-        if self.kv_heads is not None:
-            _int("kv_heads", self.kv_heads)
-        for name in ("dropout", "attention_dropout", "activation_dropout"):
-            setattr(self, name, _probability(name, getattr(self, name)))
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("positional", self.positional, POSITIONALS)
-        for name in ("norm_first", "tie_embeddings", "shared_vocab"):
-            _bool(name, getattr(self, name))
-        self.layer_norm_eps = _positive_float("layer_norm_eps", self.layer_norm_eps)
+    def check(self, prefix: str) -> None:
         _heads(self.d_model, self.num_heads, self.kv_heads, self.positional)
         if self.shared_vocab and self.src_vocab_size != self.tgt_vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"shared_vocab=True needs src_vocab_size == tgt_vocab_size; got {self.src_vocab_size} and "
                 f"{self.tgt_vocab_size}"
             )
-        _id("pad_id", self.pad_id, "src_vocab_size", self.src_vocab_size)
-        for name in ("pad_id", "bos_id", "eos_id"):
-            _id(name, getattr(self, name), "tgt_vocab_size", self.tgt_vocab_size)
+        check_token_ids("src_vocab_size", self.src_vocab_size, pad_id=self.pad_id)
+        check_token_ids(
+            "tgt_vocab_size", self.tgt_vocab_size, pad_id=self.pad_id, bos_id=self.bos_id, eos_id=self.eos_id
+        )
 
 
 @dataclass
-class LMConfig(_Config):
+class LMConfig(StrictConfig):
     """A decoder-only causal language model (:class:`~qkv.models.TransformerLM`), GPT-2-like defaults.
 
     Attributes:
@@ -183,46 +125,36 @@ class LMConfig(_Config):
         tie_embeddings: the output projection (``lm_head``) is the token embedding matrix.
         pad_id: the token ``generate`` writes after a row's ``eos_id``.
         eos_id: the default end-of-sequence token of ``generate`` (``None``: none).
+        window: sliding-window attention: each token sees itself and at most ``window`` earlier tokens
+            (``qkv.attention(window=(window, 0))``, in training and in cached decoding); ``None``: all.
     """
 
-    vocab_size: int
-    d_model: int = 768
-    num_heads: int = 12
-    kv_heads: int | None = None
-    num_layers: int = 12
-    ffn_dim: int = 3072
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0
-    activation: str = "gelu"
-    norm_first: bool = True
-    positional: str = "learned"
-    max_positions: int = 1024
-    tie_embeddings: bool = True
-    layer_norm_eps: float = 1e-5
-    pad_id: int = 0
-    eos_id: int | None = None
+    vocab_size: int = required(int_at_least)
+    d_model: int = option(768, int_at_least)
+    num_heads: int = option(12, int_at_least)
+    kv_heads: int | None = option(None, optional(int_at_least))
+    num_layers: int = option(12, int_at_least)
+    ffn_dim: int = option(3072, int_at_least)
+    dropout: float = option(0.1, probability)
+    attention_dropout: float = option(0.0, probability)
+    activation_dropout: float = option(0.0, probability)
+    activation: str = option("gelu", one_of, ACTIVATIONS)
+    norm_first: bool = option(True, boolean)
+    positional: str = option("learned", one_of, POSITIONALS)
+    max_positions: int = option(1024, int_at_least)
+    tie_embeddings: bool = option(True, boolean)
+    layer_norm_eps: float = option(1e-5, positive_number)
+    pad_id: int = option(0, int_at_least, 0)
+    eos_id: int | None = option(None, optional(int_at_least), 0)
+    window: int | None = option(None, optional(int_at_least))
 
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "ffn_dim", "max_positions"):
-            _int(name, getattr(self, name))
-        if self.kv_heads is not None:
-            _int("kv_heads", self.kv_heads)
-        for name in ("dropout", "attention_dropout", "activation_dropout"):
-            setattr(self, name, _probability(name, getattr(self, name)))
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("positional", self.positional, POSITIONALS)
-        for name in ("norm_first", "tie_embeddings"):
-            _bool(name, getattr(self, name))
-        self.layer_norm_eps = _positive_float("layer_norm_eps", self.layer_norm_eps)
+    def check(self, prefix: str) -> None:
         _heads(self.d_model, self.num_heads, self.kv_heads, self.positional)
-        _id("pad_id", self.pad_id, "vocab_size", self.vocab_size)
-        if self.eos_id is not None:
-            _id("eos_id", self.eos_id, "vocab_size", self.vocab_size)
+        check_token_ids("vocab_size", self.vocab_size, pad_id=self.pad_id, eos_id=self.eos_id)
 
 
 @dataclass
-class EncoderConfig(_Config):
+class EncoderConfig(StrictConfig):
     """A BERT-style encoder (:class:`~qkv.models.TransformerEncoder`); field names as Hugging Face's ``BertConfig``.
 
     Attributes:
@@ -240,36 +172,22 @@ class EncoderConfig(_Config):
         pad_token_id: the padding token (its embedding gets no gradient, as in BERT).
     """
 
-    vocab_size: int
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    pad_token_id: int = 0
+    vocab_size: int = required(int_at_least)
+    hidden_size: int = option(768, int_at_least)
+    num_hidden_layers: int = option(12, int_at_least)
+    num_attention_heads: int = option(12, int_at_least)
+    intermediate_size: int = option(3072, int_at_least)
+    hidden_act: str = option("gelu", one_of, ACTIVATIONS)
+    hidden_dropout_prob: float = option(0.1, probability)
+    attention_probs_dropout_prob: float = option(0.1, probability)
+    max_position_embeddings: int = option(512, int_at_least)
+    type_vocab_size: int = option(2, int_at_least)
+    layer_norm_eps: float = option(1e-12, positive_number)
+    pad_token_id: int = option(0, int_at_least, 0)
 
-    def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-            "type_vocab_size",
-        ):
-            _int(name, getattr(self, name))
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            setattr(self, name, _probability(name, getattr(self, name)))
-        _choice("hidden_act", self.hidden_act, ACTIVATIONS)
-        self.layer_norm_eps = _positive_float("layer_norm_eps", self.layer_norm_eps)
+    def check(self, prefix: str) -> None:
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"hidden_size={self.hidden_size} must be a multiple of num_attention_heads={self.num_attention_heads}"
             )
-        _id("pad_token_id", self.pad_token_id, "vocab_size", self.vocab_size)
+        check_token_ids("vocab_size", self.vocab_size, pad_token_id=self.pad_token_id)

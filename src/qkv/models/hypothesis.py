@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qkv.checks import int_at_least
 from qkv.models.interface import DecoderOutput, Seq2SeqModel
 from qkv.ops.spec import is_integer_tensor
 
@@ -85,8 +86,7 @@ def length_limits(
             f"src_lengths must lie in [1, S={src.shape[1]}]; got values from {min(lengths)} to {max(lengths)}"
         )
     if max_len is not None:
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-            raise ValueError(f"max_len must be a positive int or None; got {max_len!r}")
+        int_at_least("max_len", max_len, expected="a positive int or None")
         return [max_len] * len(lengths)
     if ratio < 0 or extra < 0 or (ratio == 0 and extra == 0):
         raise ValueError(f"max_len_ratio and max_len_extra must be >= 0, not both 0; got {ratio}, {extra}")

@@ -4,7 +4,7 @@ Parameter names::
 
     embed_tokens.weight        (vocab_size, E)
     embed_positions.weight     (max_positions, E)      positional="learned" only
-    layers.{i}.*               qkv.nn.TransformerEncoderLayer, run with causal=True
+    layers.{i}.*               qkv.nn.TransformerEncoderLayer, run with causal=True (and config.window)
     norm.*                     norm_first=True only
     lm_head.weight             (vocab_size, E)         = embed_tokens.weight when tied
 
@@ -14,6 +14,7 @@ Weights are initialized as GPT-2's: ``N(0, 0.02²)`` for embeddings and linear w
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,8 @@ class TransformerLM(nn.Module):
         )
         self.norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else None
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        # Bottom-right aligned like causal, so a KV-cached step sees the keys a full forward would.
+        self.window = None if c.window is None else (c.window, 0)
         self.apply(_init_gpt2)
         if c.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -184,6 +187,7 @@ class TransformerLM(nn.Module):
                 x,
                 key_lengths=lengths,
                 causal=True,
+                window=self.window,
                 cache=None if state is None else state.caches[i],
                 need_weights=need_attention,
             )
@@ -203,14 +207,44 @@ class TransformerLM(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         eos_id: int | None = None,
+        suppress_ids: Sequence[int] = (),
     ) -> torch.Tensor:
         """Continue ``prompt (B, T0)`` by up to ``max_new_tokens`` tokens: ``(B, T0 + n)``, ``n <= max_new_tokens``.
 
-        Each step feeds only the newest token through the KV caches. See :func:`sample_next` for
-        ``temperature`` (0 = greedy), ``top_k``, ``top_p`` and ``generator``. After a row samples ``eos_id``
-        (default ``config.eos_id``), it gets ``config.pad_id``; generation stops early once every row has
-        ended. Dropout stays as the module's mode has it: call ``.eval()`` first.
+        Each step feeds only the newest token through the KV caches (:meth:`stream` yields them one step at
+        a time). See :func:`sample_next` for ``temperature`` (0 = greedy), ``top_k``, ``top_p`` and
+        ``generator``. After a row samples ``eos_id`` (default ``config.eos_id``), it gets
+        ``config.pad_id``; generation stops early once every row has ended. ``suppress_ids`` are never
+        sampled (e.g. special ids a model trained on running text never saw as targets). Dropout stays as
+        the module's mode has it: call ``.eval()`` first.
         """
+        steps = self.stream(
+            prompt,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            eos_id=eos_id,
+            suppress_ids=suppress_ids,
+        )
+        return torch.cat([prompt, *(token[:, None] for token in steps)], dim=1)
+
+    def stream(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        eos_id: int | None = None,
+        suppress_ids: Sequence[int] = (),
+    ) -> Iterator[torch.Tensor]:
+        """The tokens :meth:`generate` appends to ``prompt (B, T0)``, one ``(B,)`` tensor per step, each
+        yielded as soon as it is sampled (so a caller can print it). Arguments as :meth:`generate`; they are
+        checked before the first token (the iterator raises on its first ``next``)."""
         check_sampling(temperature, top_k, top_p)
         prompt = check_tokens("prompt", prompt, self.config.vocab_size, shape="(B, T0)")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -218,26 +252,42 @@ class TransformerLM(nn.Module):
         eos_id = self.config.eos_id if eos_id is None else eos_id
         if eos_id is not None and not 0 <= eos_id < self.config.vocab_size:
             raise ValueError(f"eos_id={eos_id} must be in [0, vocab_size={self.config.vocab_size})")
+        suppress = [int(i) for i in suppress_ids]
+        if any(not 0 <= i < self.config.vocab_size for i in suppress):
+            raise ValueError(f"suppress_ids must be ids in [0, vocab_size={self.config.vocab_size}); got {suppress}")
         if max_new_tokens == 0:
-            return prompt
+            return iter(())
         if isinstance(self.embed_positions, LearnedPositionalEmbedding):
             fed = prompt.shape[1] + max_new_tokens - 1  # the last sampled token is never fed
             check_positions("prompt + max_new_tokens - 1", self.embed_positions, fed)
+        return self._sample(prompt, max_new_tokens, temperature, top_k, top_p, generator, eos_id, suppress)
 
-        state = self.start_state()
-        logits = self.decode_step(prompt, state).logits[:, -1]
-        finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-        out = [prompt]
-        for step in range(max_new_tokens):
-            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            if eos_id is not None:
-                token = token.masked_fill(finished, self.config.pad_id)
-                finished |= token == eos_id
-            out.append(token[:, None])
-            if step == max_new_tokens - 1 or bool(finished.all()):
-                break
-            logits = self.decode_step(token[:, None], state).logits[:, -1]
-        return torch.cat(out, dim=1)
+    def _sample(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        generator: torch.Generator | None,
+        eos_id: int | None,
+        suppress: list[int],
+    ) -> Iterator[torch.Tensor]:
+        with torch.no_grad():
+            state = self.start_state()
+            logits = self.decode_step(prompt, state).logits[:, -1]
+            finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+            for step in range(max_new_tokens):
+                if suppress:
+                    logits[:, suppress] = float("-inf")
+                token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                if eos_id is not None:
+                    token = token.masked_fill(finished, self.config.pad_id)
+                    finished |= token == eos_id
+                yield token
+                if step == max_new_tokens - 1 or bool(finished.all()):
+                    return
+                logits = self.decode_step(token[:, None], state).logits[:, -1]
 
 
 def _init_gpt2(module: nn.Module) -> None:

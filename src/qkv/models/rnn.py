@@ -25,15 +25,15 @@ Attention capture follows :mod:`qkv.models.interface`: ``cross_attention (B, 1, 
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from qkv.checks import ConfigError, StrictConfig, boolean, int_at_least, one_of, option, probability, required
+from qkv.models.config import check_token_ids
 from qkv.models.interface import DecoderOutput, EncoderOutput
 from qkv.nn import AdditiveAttention, LuongAttention
 from qkv.nn.kv_cache import check_row_indices
@@ -44,7 +44,7 @@ ATTENTIONS = ("bahdanau", "luong_dot", "luong_general")
 
 
 @dataclass
-class RNNConfig:
+class RNNConfig(StrictConfig):
     """Hyper-parameters of :class:`RNNSeq2Seq`.
 
     Attributes:
@@ -59,71 +59,30 @@ class RNNConfig:
         pad_id, bos_id, eos_id: special token ids (``pad_id`` in both vocabularies).
     """
 
-    src_vocab_size: int
-    tgt_vocab_size: int
-    embed_dim: int = 256
-    hidden_dim: int = 512
-    layers: int = 1
-    cell: str = "gru"
-    attention: str = "bahdanau"
-    input_feeding: bool = True
-    dropout: float = 0.0
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
+    src_vocab_size: int = required(int_at_least)
+    tgt_vocab_size: int = required(int_at_least)
+    embed_dim: int = option(256, int_at_least)
+    hidden_dim: int = option(512, int_at_least)
+    layers: int = option(1, int_at_least)
+    cell: str = option("gru", one_of, CELLS)
+    attention: str = option("bahdanau", one_of, ATTENTIONS)
+    input_feeding: bool = option(True, boolean)
+    dropout: float = option(0.0, probability)
+    pad_id: int = option(0, int_at_least, 0)
+    bos_id: int = option(1, int_at_least, 0)
+    eos_id: int = option(2, int_at_least, 0)
 
-    def __post_init__(self) -> None:
-        for name in ("src_vocab_size", "tgt_vocab_size", "embed_dim", "hidden_dim", "layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"RNNConfig.{name} must be a positive int; got {value!r}")
+    def check(self, prefix: str) -> None:
         if self.hidden_dim % 2:
-            raise ValueError(
-                f"RNNConfig.hidden_dim must be even (each encoder direction has hidden_dim / 2 units); "
-                f"got {self.hidden_dim}"
+            raise ConfigError(
+                f"hidden_dim must be even (each encoder direction has hidden_dim / 2 units); got {self.hidden_dim}"
             )
-        if self.cell not in CELLS:
-            raise ValueError(f"RNNConfig.cell must be one of {', '.join(map(repr, CELLS))}; got {self.cell!r}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(
-                f"RNNConfig.attention must be one of {', '.join(map(repr, ATTENTIONS))}; got {self.attention!r}"
-            )
-        if not isinstance(self.input_feeding, bool):
-            raise ValueError(f"RNNConfig.input_feeding must be a bool; got {self.input_feeding!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"RNNConfig.dropout must be a float in [0, 1); got {self.dropout!r}")
-        for name in ("pad_id", "bos_id", "eos_id"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.tgt_vocab_size:
-                raise ValueError(
-                    f"RNNConfig.{name} must be an int in [0, tgt_vocab_size={self.tgt_vocab_size}); got {value!r}"
-                )
-        if self.pad_id >= self.src_vocab_size:
-            raise ValueError(f"RNNConfig.pad_id must be < src_vocab_size={self.src_vocab_size}; got {self.pad_id}")
+        check_token_ids("src_vocab_size", self.src_vocab_size, pad_id=self.pad_id)
+        check_token_ids(
+            "tgt_vocab_size", self.tgt_vocab_size, pad_id=self.pad_id, bos_id=self.bos_id, eos_id=self.eos_id
+        )
         if len({self.pad_id, self.bos_id, self.eos_id}) != 3:
-            raise ValueError(f"pad_id, bos_id and eos_id must differ; got {self.pad_id}, {self.bos_id}, {self.eos_id}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every field, JSON-serializable."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> RNNConfig:
-        """The inverse of :meth:`to_dict`; unknown or missing required keys raise ``ValueError``."""
-        if not isinstance(values, Mapping):
-            raise TypeError(f"RNNConfig.from_dict needs a mapping; got {type(values).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown RNNConfig keys: {', '.join(unknown)}; known keys: {', '.join(fields)}")
-        missing = [
-            name
-            for name, f in fields.items()
-            if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        if missing:
-            raise ValueError(f"RNNConfig.from_dict: missing required keys: {', '.join(missing)}")
-        return cls(**values)
+            raise ConfigError(f"pad_id, bos_id and eos_id must differ; got {self.pad_id}, {self.bos_id}, {self.eos_id}")
 
 
 @dataclass

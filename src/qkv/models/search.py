@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from qkv.checks import int_at_least, number_between
 from qkv.models.hypothesis import (
     AttentionTrace,
     Hypothesis,
@@ -39,9 +40,9 @@ MAX_LENGTH_PENALTY = 10.0  # ((5 + 10**6) / 6) ** 10 is ~1e52: finite for any ou
 def check_length_penalty(alpha: float, name: str = "length_penalty") -> float:
     """``alpha`` as a float after checking it is a finite number in ``[0, MAX_LENGTH_PENALTY]``; ``ValueError``
     naming ``name`` otherwise."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= MAX_LENGTH_PENALTY:
-        raise ValueError(f"{name} must be a number in [0, {MAX_LENGTH_PENALTY:g}] (GNMT alpha); got {alpha!r}")
-    return float(alpha)
+    return number_between(
+        name, alpha, 0, MAX_LENGTH_PENALTY, expected=f"a number in [0, {MAX_LENGTH_PENALTY:g}] (GNMT alpha)"
+    )
 
 
 def search_limits(
@@ -56,8 +57,7 @@ def search_limits(
     limits = length_limits(src, src_lengths, max_len, max_len_ratio, max_len_extra)
     if max_len_cap is None:
         return limits
-    if isinstance(max_len_cap, bool) or not isinstance(max_len_cap, int) or max_len_cap < 1:
-        raise ValueError(f"max_len_cap must be a positive int or None; got {max_len_cap!r}")
+    int_at_least("max_len_cap", max_len_cap, expected="a positive int or None")
     return [min(limit, max_len_cap) for limit in limits]
 
 
@@ -172,8 +172,7 @@ def beam_search(
         ("n_best", n_best, 1),
         ("no_repeat_ngram", no_repeat_ngram, 0),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
+        int_at_least(name, value, low)
     if n_best > beam_size:
         raise ValueError(f"n_best must be <= beam_size; got n_best={n_best}, beam_size={beam_size}")
     length_penalty = check_length_penalty(length_penalty)

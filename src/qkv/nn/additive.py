@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qkv.checks import int_at_least
 from qkv.nn.luong import Seq2SeqInputs, check_seq2seq_inputs
 
 
@@ -39,8 +40,7 @@ class AdditiveAttention(nn.Module):
     def __init__(self, query_dim: int, key_dim: int, hidden_dim: int) -> None:
         super().__init__()
         for name, value in (("query_dim", query_dim), ("key_dim", key_dim), ("hidden_dim", hidden_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
+            int_at_least(name, value, expected="a positive int")
         self.query_dim = query_dim
         self.key_dim = key_dim
         self.hidden_dim = hidden_dim

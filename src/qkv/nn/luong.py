@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qkv.checks import int_at_least, one_of
 from qkv.ops import attention
 from qkv.ops.spec import is_integer_tensor
 
@@ -150,11 +151,10 @@ class LuongAttention(nn.Module):
 
     def __init__(self, query_dim: int, key_dim: int | None = None, score: str = "dot") -> None:
         super().__init__()
-        for name, value in (("query_dim", query_dim), ("key_dim", key_dim)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
-        if score not in SCORES:
-            raise ValueError(f"score must be one of {', '.join(map(repr, SCORES))}; got {score!r}")
+        int_at_least("query_dim", query_dim, expected="a positive int")
+        if key_dim is not None:
+            int_at_least("key_dim", key_dim, expected="a positive int")
+        one_of("score", score, SCORES)
         key_dim = query_dim if key_dim is None else key_dim
         if score == "dot" and key_dim != query_dim:
             raise ValueError(

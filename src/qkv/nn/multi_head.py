@@ -19,14 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qkv.checks import int_at_least, probability
 from qkv.nn.kv_cache import KVCache
 from qkv.ops import attention
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return value
 
 
 def _check_rank3(name: str, t: object, expected: str, dim_name: str, last: int) -> torch.Tensor:
@@ -99,11 +94,11 @@ class MultiHeadAttention(nn.Module):
         rotary: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        embed_dim = _check_positive_int("embed_dim", embed_dim)
-        num_heads = _check_positive_int("num_heads", num_heads)
-        kv_heads = num_heads if kv_heads is None else _check_positive_int("kv_heads", kv_heads)
-        kdim = embed_dim if kdim is None else _check_positive_int("kdim", kdim)
-        vdim = embed_dim if vdim is None else _check_positive_int("vdim", vdim)
+        embed_dim = int_at_least("embed_dim", embed_dim, expected="a positive int")
+        num_heads = int_at_least("num_heads", num_heads, expected="a positive int")
+        kv_heads = num_heads if kv_heads is None else int_at_least("kv_heads", kv_heads, expected="a positive int")
+        kdim = embed_dim if kdim is None else int_at_least("kdim", kdim, expected="a positive int")
+        vdim = embed_dim if vdim is None else int_at_least("vdim", vdim, expected="a positive int")
         if embed_dim % num_heads:
             raise ValueError(
                 f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; "
@@ -114,8 +109,7 @@ class MultiHeadAttention(nn.Module):
                 f"num_heads={num_heads} is not a multiple of kv_heads={kv_heads}; each key/value head must "
                 "serve the same number of query heads"
             )
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}")
+        dropout = probability("dropout", dropout)
         if rotary is not None and not isinstance(rotary, nn.Module):
             raise TypeError(f"rotary must be an nn.Module or None; got {type(rotary).__name__}")
 
@@ -125,7 +119,7 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.kdim = kdim
         self.vdim = vdim
-        self.dropout = float(dropout)
+        self.dropout = dropout
 
         kv_width = kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -159,6 +153,7 @@ class MultiHeadAttention(nn.Module):
         mask: torch.Tensor | None = None,
         key_lengths: torch.Tensor | None = None,
         causal: bool = False,
+        window: tuple[int, int] | None = None,
         cache: KVCache | None = None,
         need_weights: bool = False,
         average_weights: bool = False,
@@ -176,6 +171,8 @@ class MultiHeadAttention(nn.Module):
             key_lengths: integer ``(B,)``: keys at positions ``>= key_lengths[b]`` are padding.
             causal: mask keys after the diagonal that aligns the last query with the last key
                 (bottom-right, as a KV-cached decoder needs; the usual causal mask when ``L == S``).
+            window: ``(left, right)`` sliding window of :func:`qkv.attention` (bottom-right aligned like
+                ``causal``, so a cached decode sees the same keys as one call over the whole sequence).
             cache: a :class:`KVCache`. Non-static: this call's projected keys/values are appended and
                 the queries attend over everything cached (``S`` = cached + new). Static: the first
                 call stores the projected ``key``/``value``; later calls reuse them and ignore
@@ -234,6 +231,7 @@ class MultiHeadAttention(nn.Module):
             mask=mask,
             key_lengths=key_lengths,
             causal=causal,
+            window=window,
             dropout=self.dropout if self.training else 0.0,
             return_weights=need_weights,
         )

@@ -16,12 +16,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qkv.checks import ConfigError, int_at_least
+
 
 def _check_range(offset: int, length: int) -> None:
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int; got {offset!r}")
-    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-        raise ValueError(f"length must be a non-negative int; got {length!r}")
+    int_at_least("offset", offset, 0, expected="a non-negative int")
+    int_at_least("length", length, 0, expected="a non-negative int")
+
+
+def _check_even_dim(dim: int, why: str) -> None:
+    expected = f"a positive even int ({why})"
+    if int_at_least("dim", dim, expected=expected) % 2:
+        raise ConfigError(f"dim must be {expected}; got {dim}")
 
 
 def _inverse_frequencies(dim: int, base: float, device: torch.device | None) -> torch.Tensor:
@@ -39,8 +45,7 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def __init__(self, dim: int, *, base: float = 10000.0) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
-            raise ValueError(f"dim must be a positive even int (sin and cos pairs); got {dim!r}")
+        _check_even_dim(dim, "sin and cos pairs")
         self.dim = dim
         self.base = float(base)
 
@@ -72,8 +77,7 @@ class LearnedPositionalEmbedding(nn.Module):
     def __init__(self, max_positions: int, dim: int) -> None:
         super().__init__()
         for name, value in (("max_positions", max_positions), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
+            int_at_least(name, value, expected="a positive int")
         self.max_positions = max_positions
         self.weight = nn.Parameter(torch.empty(max_positions, dim))
         nn.init.normal_(self.weight, std=0.02)
@@ -111,8 +115,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, *, base: float = 10000.0) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
-            raise ValueError(f"dim must be a positive even int (the head dimension); got {dim!r}")
+        _check_even_dim(dim, "the head dimension")
         if not base > 1:
             raise ValueError(f"base must be > 1; got {base!r}")
         self.dim = dim

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qkv.checks import int_at_least
 from qkv.ops import attention
 
 
@@ -28,8 +29,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, embed_dim: int, *, bias: bool = True) -> None:
         super().__init__()
-        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
-            raise ValueError(f"embed_dim must be a positive int; got {embed_dim!r}")
+        int_at_least("embed_dim", embed_dim, expected="a positive int")
         self.embed_dim = embed_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)

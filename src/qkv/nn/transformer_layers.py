@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qkv.checks import one_of
 from qkv.nn.kv_cache import KVCache
 from qkv.nn.multi_head import MultiHeadAttention
 
@@ -29,9 +30,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu
 
 
 def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}; got {name!r}")
-    return ACTIVATIONS[name]
+    return ACTIVATIONS[one_of("activation", name, ACTIVATIONS)]
 
 
 class _WithFeedForward(nn.Module):
@@ -113,6 +112,7 @@ class TransformerEncoderLayer(_WithFeedForward):
         key_lengths: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         causal: bool = False,
+        window: tuple[int, int] | None = None,
         cache: KVCache | None = None,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -123,6 +123,7 @@ class TransformerEncoderLayer(_WithFeedForward):
             key_lengths: ``(B,)`` valid tokens per row (keys ``>= key_lengths[b]`` are padding).
             mask: boolean (``True`` = may attend) or float, broadcastable to ``(B, H, L, S)``.
             causal: bottom-right causal self-attention (a decoder-only model).
+            window: ``(left, right)`` sliding window of the self-attention (see :func:`qkv.attention`).
             cache: a non-static :class:`KVCache` of this layer's self-attention (``S`` = cached + ``L``).
             need_weights: also return the attention weights.
 
@@ -131,7 +132,13 @@ class TransformerEncoderLayer(_WithFeedForward):
         """
         attend = self.norm1(x) if self.norm_first else x
         a, weights = self.self_attn(
-            attend, mask=mask, key_lengths=key_lengths, causal=causal, cache=cache, need_weights=need_weights
+            attend,
+            mask=mask,
+            key_lengths=key_lengths,
+            causal=causal,
+            window=window,
+            cache=cache,
+            need_weights=need_weights,
         )
         if self.norm_first:
             x = x + self.dropout1(a)

@@ -22,6 +22,8 @@ from typing import TypeGuard
 
 import torch
 
+from qkv.checks import finite_number, positive_number, probability
+
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -269,14 +271,11 @@ def build_spec(
     left, right = _check_window(window)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number; got {scale!r}")
-    if softcap is not None and (
-        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf
-    ):
-        raise ValueError(f"softcap must be a positive finite number or None; got {softcap!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}")
+    else:
+        scale = finite_number("scale", scale)
+    if softcap is not None:
+        softcap = positive_number("softcap", softcap, expected="a positive finite number or None")
+    dropout = probability("dropout", dropout)
 
     return AttentionSpec(
         batch_shape=batch_shape,
@@ -286,7 +285,7 @@ def build_spec(
         kv_len=kv_len,
         head_dim=head_dim,
         value_dim=v.shape[-1],
-        scale=float(scale),
+        scale=scale,
         causal=is_causal,
         offset=offset,
         window_left=left,
@@ -294,6 +293,6 @@ def build_spec(
         mask=_check_mask(mask, q, target),
         key_lengths=_check_key_lengths(key_lengths, batch_shape, kv_len, q.device),
         alibi_slopes=_check_alibi(alibi_slopes, batch_shape, heads, q.device),
-        softcap=None if softcap is None else float(softcap),
-        dropout=float(dropout),
+        softcap=softcap,
+        dropout=dropout,
     )

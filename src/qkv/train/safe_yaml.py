@@ -4,20 +4,22 @@ A few lines of YAML can describe a huge structure through aliases (the "billion 
 ``b: &b [*a, *a]``, ... doubles at every line). PyYAML builds it cheaply, every alias pointing to the same
 object, but anything that walks it (``repr`` in an error message, ``==``, dumping) takes exponential time
 and memory. :func:`load_yaml` counts the nodes of the document as it would be with every alias expanded and
-refuses one beyond :data:`MAX_EXPANDED_NODES`; :func:`short_repr` shows a value in a message with a bounded
-amount of work whatever its size.
+refuses one beyond :data:`MAX_EXPANDED_NODES`; :func:`short_repr` (from :mod:`qkv.checks`, re-exported here)
+shows a value in a message with a bounded amount of work whatever its size.
 """
 
 from __future__ import annotations
 
-import reprlib
+import re
 from typing import Any
 
 import yaml
 
+# short_repr lives in the bottom layer so that every layer can bound the values in its messages.
+from qkv.checks import MESSAGE_CHARS, short_repr
+
 # A full reference config is a few hundred nodes; this leaves room for long lists yet stops alias bombs.
 MAX_EXPANDED_NODES = 100_000
-MESSAGE_CHARS = 200
 
 
 class YAMLTooLargeError(yaml.YAMLError):
@@ -61,8 +63,16 @@ class BoundedLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
 
+# YAML 1.1 (PyYAML) reads an exponent without a dot ("5e-4", "1E+3") as a string; YAML 1.2 and every
+# reader of a learning-rate setting mean a number.
+BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load(text)``, refusing alias-expanded documents beyond :data:`MAX_EXPANDED_NODES` nodes.
+    """``yaml.safe_load(text)``, refusing alias-expanded documents beyond :data:`MAX_EXPANDED_NODES` nodes,
+    and reading ``5e-4`` as the number it is.
 
     Raises:
         YAMLTooLargeError: the document is too large once expanded.
@@ -71,14 +81,4 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 (BoundedLoader is a SafeLoader)
 
 
-_REPR = reprlib.Repr()
-_REPR.maxlevel = 3
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxdict = 8
-_REPR.maxstring = _REPR.maxother = MESSAGE_CHARS
-
-
-def short_repr(value: Any, limit: int = MESSAGE_CHARS) -> str:
-    """``repr(value)`` cut to about ``limit`` characters, without building the full repr of a big or deeply
-    nested value (nesting beyond 3 levels and items beyond 8 per container are shown as ``...``)."""
-    text = _REPR.repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+__all__ = ["MAX_EXPANDED_NODES", "MESSAGE_CHARS", "BoundedLoader", "YAMLTooLargeError", "load_yaml", "short_repr"]

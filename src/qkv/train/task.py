@@ -4,10 +4,11 @@ classification and text-to-image), behind one small class the trainer calls.
 ``qkv.train`` in a few lines::
 
     config = Config.from_dict(yaml)  # config.task picks the Task class and its data/model sections
-    task = TASKS[config.task](config, ctx, log)
+    log = open_run_dir(config, ctx, resume=...)  # the output directory checked, train.log opened
+    task = config.task_class(config, ctx, log.line)  # the class registered in qkv.train.tasks.TASKS
     task.prepare(resume=...)  # data and tokenizers into the model directory
     model = task.build_model()
-    Trainer(config, ctx, task=task, model=model).run()  # optimizer, loop, validation, checkpoints, export
+    Trainer(config, ctx, task=task, model=model, log=log).run()  # optimizer, loop, checkpoints, export
 
 A :class:`Task` owns its data (preparing it into the model directory, its batches), its model (building
 it from ``config.model``), the loss of a batch and its validation metrics. The :class:`~qkv.train.trainer.
@@ -22,6 +23,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -91,8 +93,11 @@ class Task(ABC):
             (strict: an unknown key is an error naming the valid ones).
         training_config: the config class of the keys of the ``training:`` section that only this task
             reads (e.g. translation's ``valid_beam``), beside the trainer's own; ``None``: none. A key of
-            another task is an error naming the task.
-        metrics: the validation metrics ``training.early_stopping_metric`` may name.
+            another task is an error naming the task. The parsed sections are ``config.data``,
+            ``config.model`` and ``config.task_training``; each class has ``from_dict(data, prefix)`` and
+            ``to_dict()`` (:class:`qkv.train.config.Section` gives both).
+        metrics: the validation metrics ``training.early_stopping_metric`` may name; the first is its
+            default.
         lower_is_better: those of ``metrics`` for which smaller is better (``loss``, ``ppl``).
     """
 
@@ -140,7 +145,16 @@ class Task(ABC):
 
     @abstractmethod
     def validate(self, model: nn.Module, device: torch.device, step: int) -> Validation:
-        """Validation metrics of ``model`` (rank 0 only; eval mode and ``no_grad`` are the trainer's)."""
+        """Validation metrics of ``model`` (rank 0 only; eval mode, ``no_grad`` and autocast are the
+        trainer's)."""
+
+    def save_model(self, model: nn.Module, directory: Path) -> None:
+        """Write the model files of the model directory (``model.safetensors`` and ``config.json`` by
+        default, :func:`qkv.models.checkpoint.save_model`) into ``directory``, a temporary directory whose
+        files the trainer then moves into the model directory (so a reader never sees half a file)."""
+        from qkv.models.checkpoint import save_model
+
+        save_model(model, directory)
 
     def score_test(self, model: nn.Module, device: torch.device) -> Validation | None:
         """The exported model's scores on a test split, when the config names one (``None``: none)."""

@@ -89,6 +89,10 @@ def label_step(count: int) -> int:
     return max(1, math.ceil(count / MAX_LABELS))
 
 
+def _heads(count: int) -> str:
+    return f"{count} head" if count == 1 else f"{count} heads"
+
+
 def _side_inches(count: int) -> float:
     return min(MAX_INCHES, max(MIN_INCHES, count * INCHES_PER_TOKEN + MARGIN_INCHES))
 
@@ -145,7 +149,9 @@ def _draw(
         axis.set_ticklabels([_escape(tokens[i]) for i in ticks] if show else [], rotation=rotation)
         axis.set_tick_params(labelsize=8 if max(rows, cols) <= MAX_LABELS else 6, length=2)
     if title:
-        ax.set_title(title, fontsize=10)
+        # wrap: a long title (a model directory, a kind of attention) breaks into lines instead of running off
+        # a narrow figure.
+        ax.set_title(title, fontsize=10, wrap=True)
     if xlabel:
         ax.set_xlabel(xlabel)
     if ylabel:
@@ -278,7 +284,7 @@ def _grid(
         ax.set_axis_off()
     figure.colorbar(images[-1], ax=axes, shrink=0.6, label="attention weight")
     if title:
-        figure.suptitle(title)
+        figure.suptitle(title, wrap=True)
     if path is not None:
         save_figure(figure, path)
     return figure
@@ -343,12 +349,12 @@ def plot_layer_average(
             mean,
             rows,
             cols,
-            title=title or f"mean of {heads} heads",
+            title=title or f"mean of {_heads(heads)}",
             path=path,
             annotate=annotate,
             cmap=cmap,
             vmin=vmin,
             vmax=vmax,
         )
-    names = [f"layer {n}, mean of {heads} heads" for n in range(array.shape[0])]
+    names = [f"layer {n}, mean of {_heads(heads)}" for n in range(array.shape[0])]
     return _grid(mean, names, rows, cols, title=title, path=path, annotate=annotate, cmap=cmap, vmin=vmin, vmax=vmax)

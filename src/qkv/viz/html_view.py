@@ -8,6 +8,9 @@ network and no external resource (a Content-Security-Policy in the page forbids 
   lines; clicking it keeps them. A dropdown picks the layer, checkboxes toggle heads.
 - Model view: a grid of thumbnails, one per layer (row) and head (column); clicking one shows it above.
 - Several kinds of attention (encoder, decoder, cross) can share a page; a dropdown picks the kind.
+- A causal kind (a language model's or a decoder's self-attention: token ``i`` sees tokens ``0..i`` only)
+  says so above the head view; focusing a token greys out the tokens it cannot see (or that cannot see it),
+  and the thumbnails paint those cells grey, so "masked" reads differently from "a weight of 0".
 
 The state is read from the URL fragment (or query), e.g. ``view.html#kind=cross&layer=2&heads=0,3&token=5``
 (``key=j`` instead of ``token=i`` shows the lines into attended-to token ``j``), and written back to it as it
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -32,6 +35,7 @@ DECIMALS = 4
 DEFAULT_KIND = "attention"
 
 TokenSpec = Sequence[str] | Mapping[str, Sequence[str]]
+CausalSpec = bool | Collection[str]
 
 
 def _to_numpy(attentions: object, name: str) -> np.ndarray:
@@ -75,19 +79,49 @@ def _tokens_for(spec: TokenSpec | None, kind: str, count: int, what: str, dimens
     return tokens
 
 
+def _check_causal(array: np.ndarray, label: str) -> None:
+    """``ValueError`` unless every weight beyond the causal diagonal is 0: query ``i`` of ``L`` sees keys
+    ``j <= i + S - L`` (the last query sees every key, as in a decoder reading a cache of ``S - L`` tokens)."""
+    rows, cols = array.shape[-2:]
+    if rows > cols:
+        raise ValueError(f"{label} is marked causal but has L = {rows} > S = {cols}; a query would see no key")
+    hidden = ~np.tri(rows, cols, cols - rows, dtype=bool)
+    seen = array[..., hidden]
+    if seen.size and seen.max() > 0:
+        layer, head, i, j = np.argwhere(array * hidden > 0)[0]
+        raise ValueError(
+            f"{label} is marked causal but weight [{layer}, {head}, {i}, {j}] = {array[layer, head, i, j]:.3g} "
+            f"lies above the diagonal, where it must be 0"
+        )
+
+
+def _causal_names(causal: CausalSpec, names: Collection[str]) -> set[str]:
+    if isinstance(causal, bool):
+        return set(names) if causal else set()
+    if isinstance(causal, str):
+        raise ValueError(f"causal must be a bool or a collection of kind names, not one string {causal!r}")
+    unknown = sorted(set(causal) - set(names))
+    if unknown:
+        raise ValueError(f"causal names {unknown}, which are not kinds of attentions (kinds: {sorted(names)})")
+    return set(causal)
+
+
 def view_data(
     attentions: object | Mapping[str, object],
     tokens: TokenSpec,
     *,
     key_tokens: TokenSpec | None = None,
     title: str = "Attention",
+    causal: CausalSpec = False,
 ) -> dict[str, object]:
     """The JSON the page embeds: ``{"title", "kinds": [{"name", "tokens", "key_tokens", "layers", "heads",
-    "attention"}]}``, ``attention[layer][head][i][j]`` rounded to ``DECIMALS``. Arguments as :func:`render_html`.
+    "causal", "attention"}]}``, ``attention[layer][head][i][j]`` rounded to ``DECIMALS``. Arguments as
+    :func:`render_html`.
     """
     named = dict(attentions) if isinstance(attentions, Mapping) else {DEFAULT_KIND: attentions}
     if not named:
         raise ValueError("attentions is an empty mapping; give at least one kind of attention")
+    causal_names = _causal_names(causal, [str(name) for name in named])
     kinds = []
     for name, value in named.items():
         label = f"attentions[{name!r}]" if isinstance(attentions, Mapping) else "attentions"
@@ -104,6 +138,8 @@ def view_data(
                     f"positions; give key_tokens for {name!r} (cross-attention)"
                 )
             cols_tokens = rows_tokens
+        if str(name) in causal_names:
+            _check_causal(array, label)
         kinds.append(
             {
                 "name": str(name),
@@ -111,6 +147,7 @@ def view_data(
                 "key_tokens": cols_tokens,
                 "layers": layers,
                 "heads": heads,
+                "causal": str(name) in causal_names,
                 "attention": np.round(array, DECIMALS).tolist(),
             }
         )
@@ -134,6 +171,7 @@ def render_html(
     *,
     key_tokens: TokenSpec | None = None,
     title: str = "Attention",
+    causal: CausalSpec = False,
 ) -> str:
     """A self-contained HTML page with a head view and a model view of the attention.
 
@@ -147,11 +185,13 @@ def render_html(
         key_tokens: the ``S`` attended-to tokens when they differ from ``tokens`` (cross-attention); one list
             or ``{name: list}`` (kinds missing from the mapping use their ``tokens``).
         title: the page's title and heading.
+        causal: the kinds where query ``i`` sees keys ``0..i`` only (``i + S - L`` when ``L < S``): ``True``
+            for every kind, or their names. The page says so and greys out what a token cannot see.
     Returns:
         the HTML document.
     Raises:
-        ValueError: a shape other than ``(layers, H, L, S)``, negative or non-finite weights, or token lists
-            whose lengths do not match ``L``/``S``.
+        ValueError: a shape other than ``(layers, H, L, S)``, negative or non-finite weights, token lists
+            whose lengths do not match ``L``/``S``, or a causal kind with a weight above its diagonal.
 
     Example, a translation::
 
@@ -161,7 +201,7 @@ def render_html(
             key_tokens={"cross": src},
         )
     """
-    data = view_data(attentions, tokens, key_tokens=key_tokens, title=title)
+    data = view_data(attentions, tokens, key_tokens=key_tokens, title=title, causal=causal)
     return Template(_asset("view.html")).substitute(
         title=html.escape(title),
         style=_asset("view.css"),
@@ -177,8 +217,10 @@ def save_html(
     *,
     key_tokens: TokenSpec | None = None,
     title: str = "Attention",
+    causal: CausalSpec = False,
 ) -> Path:
     """Write :func:`render_html`'s page to ``path`` (UTF-8); open it in any browser, offline. Returns the path."""
     path = Path(path)
-    path.write_text(render_html(attentions, tokens, key_tokens=key_tokens, title=title), encoding="utf-8")
+    page = render_html(attentions, tokens, key_tokens=key_tokens, title=title, causal=causal)
+    path.write_text(page, encoding="utf-8")
     return path

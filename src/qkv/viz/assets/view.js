@@ -1,6 +1,7 @@
 // qkv attention view: head view (token lines in SVG) and model view (layers × heads thumbnails).
-// Data: the JSON in #qkv-data, {title, kinds: [{name, tokens, key_tokens, layers, heads, attention}]} with
-// attention[layer][head][i][j] the weight of attending token i on attended-to token j.
+// Data: the JSON in #qkv-data, {title, kinds: [{name, tokens, key_tokens, layers, heads, causal, attention}]}
+// with attention[layer][head][i][j] the weight of attending token i on attended-to token j; in a causal kind
+// token i sees tokens j <= i + S - L only (S = key_tokens.length, L = tokens.length).
 // State can be preselected with a URL fragment or query: #kind=cross&layer=2&heads=0,3&token=5 (or key=5).
 (function () {
   "use strict";
@@ -11,6 +12,7 @@
   const ROW = 20;        // px per token row in the head view
   const GAP = 220;       // px between the two token columns, where the lines run
   const TOP = 24;        // px above the first token, for the column headings
+  const MASKED_GREY = 230;  // thumbnail cells a causal mask hides
   const FONT = "13px system-ui, -apple-system, 'Segoe UI', Roboto, 'DejaVu Sans', sans-serif";
 
   const $ = (id) => document.getElementById(id);
@@ -33,6 +35,9 @@
   }
 
   function kind() { return data.kinds[state.kind]; }
+
+  // Whether attending token i can see attended-to token j at all (a causal kind masks the later ones).
+  function visible(k, i, j) { return !k.causal || j <= i + k.key_tokens.length - k.tokens.length; }
 
   function el(tag, attrs, text) {
     const node = document.createElementNS(SVG_NS, tag);
@@ -164,6 +169,10 @@
     svg.setAttribute("width", String(rightX + rightWidth + 8));
     svg.setAttribute("height", String(TOP + rows * ROW + 4));
     svg.replaceChildren();
+    const note = $("kind-note");
+    note.hidden = !k.causal;
+    note.textContent = k.causal ? "Causal: each token attends only to itself and the tokens before it. " +
+      "Focus a token to grey out the tokens it cannot see." : "";
     svg.append(el("text", { class: "heading", x: leftX, y: 8, "text-anchor": "end" }, "attending"));
     svg.append(el("text", { class: "heading", x: rightX, y: 8, "text-anchor": "start" }, "attended to"));
     svg.append(el("g", { id: "lines" }));
@@ -217,7 +226,12 @@
     group.replaceChildren(...lines);
     for (const text of document.querySelectorAll("#head-svg text.token")) {
       const side = text.classList.contains("left") ? "left" : "right";
-      text.classList.toggle("active", !!target && target.side === side && target.index === Number(text.dataset.index));
+      const index = Number(text.dataset.index);
+      text.classList.toggle("active", !!target && target.side === side && target.index === index);
+      // Masked, not merely weak: the focused token and this one are on opposite sides of the causal mask.
+      const masked = !!target && target.side !== side &&
+        !(side === "right" ? visible(k, target.index, index) : visible(k, index, target.index));
+      text.classList.toggle("masked", masked);
     }
     const what = target ? (target.side === "left" ? "attending token " : "attended-to token ") + target.index : "all tokens";
     $("summary").textContent = k.name + ", layer " + state.layer + ", heads [" + heads.join(", ") + "], " + what +
@@ -257,11 +271,17 @@
     const image = ctx.createImageData(cols, rows);
     const [r, g, b] = colorToRgb(headColor(h, k.heads));
     const matrix = k.attention[l][h];
-    // Each row is scaled by its largest weight so the pattern is visible even when attention is spread thin.
+    // Each row is scaled by its largest weight so the pattern is visible even when attention is spread thin;
+    // cells a causal mask hides are light grey, so the triangle reads as "cannot see", not "weight 0".
     for (let i = 0; i < rows; i++) {
       const top = Math.max(...matrix[i]) || 1;
       for (let j = 0; j < cols; j++) {
         const p = 4 * (i * cols + j);
+        if (!visible(k, i, j)) {
+          image.data[p] = image.data[p + 1] = image.data[p + 2] = MASKED_GREY;
+          image.data[p + 3] = 255;
+          continue;
+        }
         image.data[p] = r; image.data[p + 1] = g; image.data[p + 2] = b;
         image.data[p + 3] = Math.round((255 * matrix[i][j]) / top);
       }
