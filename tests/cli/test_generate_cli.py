@@ -148,3 +148,12 @@ def test_demo_lm_samples_trains_and_samples_again(tmp_path: Path, capsys: pytest
     assert "1. A small GPT before training" in printed and "3. After training" in printed
     assert printed.count("'The if statement' → ") == 2 and "bits per character" in printed
     assert (tmp_path / "d" / "model.safetensors").is_file()
+
+
+def test_translate_refuses_a_language_model(
+    lm_model: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a b\n"))
+    assert main(["translate", "--model", str(lm_model)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkv translate: error: ") and "holds a language model" in err and "qkv generate" in err

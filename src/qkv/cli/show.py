@@ -50,9 +50,8 @@ import numpy as np
 import torch
 
 from qkv.cli.paths import check_output_file
-from qkv.data.safe_files import read_regular_file
 from qkv.data.tokenizer import Tokenizer
-from qkv.models.checkpoint import CONFIG_NAME, MAX_CONFIG_BYTES
+from qkv.models.checkpoint import CONFIG_NAME, stored_model_type
 from qkv.models.lm import TransformerLM
 from qkv.models.pretrained import NAMED_MODELS, Pretrained, load_pretrained
 from qkv.models.rnn import RNNSeq2Seq
@@ -204,16 +203,10 @@ def model_type(name_or_dir: str) -> str | None:
     """``config.json``'s ``model_type`` of a model directory; ``None`` for a named pretrained model, a path that
     is no directory or has no ``config.json`` (the pretrained loader then says what is missing), or a config
     without the key (a Hugging Face BERT config may lack it)."""
-    path = Path(name_or_dir) / CONFIG_NAME
-    if name_or_dir in NAMED_MODELS or not path.exists():
+    if name_or_dir in NAMED_MODELS or not Path(name_or_dir).is_dir():
         return None
-    try:
-        config = json.loads(read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8"))
-    except ValueError as e:  # also UnicodeDecodeError and JSONDecodeError
-        raise ValueError(f"{path} is not a JSON model config: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object; got a {type(config).__name__}")
-    kind = config.get("model_type")
+    path = Path(name_or_dir) / CONFIG_NAME
+    kind = stored_model_type(name_or_dir)
     known = (*LM_TYPES, *SEQ2SEQ_TYPES, *(t for t in PRETRAINED_TYPES if t))
     if kind not in (*known, None):
         raise ValueError(

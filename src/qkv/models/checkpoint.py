@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,26 @@ class _SkipInPlaceOnMeta(TorchFunctionMode):
             if isinstance(target, torch.Tensor) and target.is_meta:
                 return target
         return func(*args, **kwargs)
+
+
+def stored_model_type(directory: str | os.PathLike[str]) -> str | None:
+    """The ``model_type`` that ``directory/config.json`` records, read without loading anything else;
+    ``None`` when there is no ``config.json`` or it has no ``model_type`` (a Hugging Face config may not).
+
+    Raises:
+        ModelFileError: ``config.json`` is not a regular file of bounded size holding a JSON object.
+    """
+    path = Path(directory) / CONFIG_NAME
+    if not path.exists():
+        return None
+    try:
+        config = json.loads(read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8"))
+    except ValueError as e:  # also UnicodeDecodeError and JSONDecodeError
+        raise ModelFileError(f"{path} is not a JSON model config: {e}") from None
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path} must hold a JSON object; got a {type(config).__name__}")
+    kind = config.get("model_type")
+    return kind if isinstance(kind, str) else None
 
 
 def _check_against_header(cls: type[nn.Module], config: Any, config_path: Path, weights_path: Path) -> None:

@@ -24,7 +24,6 @@ when the whole of it is scored).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -35,10 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qkv.data.safe_files import read_regular_file
 from qkv.data.text import score_windows, token_stream
 from qkv.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
-from qkv.models.checkpoint import CONFIG_NAME, MAX_CONFIG_BYTES, load_model
+from qkv.models.checkpoint import load_model, stored_model_type
 from qkv.models.lm import TransformerLM
 from qkv.nn import LearnedPositionalEmbedding
 from qkv.train.model_dir import ModelDirectoryError
@@ -80,11 +78,9 @@ def model_type_of(directory: str | os.PathLike) -> str | None:
     """The ``model_type`` recorded in ``directory/config.json`` (``None`` when it cannot be read: the full
     load then says why)."""
     try:
-        config = json.loads(read_regular_file(Path(directory) / CONFIG_NAME, MAX_CONFIG_BYTES))
+        return stored_model_type(directory)
     except (OSError, ValueError):
         return None
-    kind = config.get("model_type") if isinstance(config, dict) else None
-    return kind if isinstance(kind, str) else None
 
 
 @torch.no_grad()

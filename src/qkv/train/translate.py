@@ -32,12 +32,12 @@ import torch
 
 from qkv.data.batching import SequentialBatcher, restore_order
 from qkv.data.tokenizer import Tokenizer, load_tokenizer
-from qkv.models.checkpoint import load_model
+from qkv.models.checkpoint import load_model, stored_model_type
 from qkv.models.interface import Seq2SeqModel
+from qkv.models.lm import TransformerLM
 from qkv.models.search import Hypothesis, beam_search, check_length_penalty, greedy_search
 from qkv.train.model_dir import check_model_directory
 
-TRAIN_CONFIG_FILE = "train_config.yaml"
 SHARED_TOKENIZER_FILE = "tokenizer.json"
 SRC_TOKENIZER_FILE = "src_tokenizer.json"
 TGT_TOKENIZER_FILE = "tgt_tokenizer.json"
@@ -242,6 +242,11 @@ class Translator:
             raise ValueError(
                 f"device {device!r}: CUDA is not available (this PyTorch is a CPU-only build, or no GPU is "
                 "visible); use device 'cpu' or 'auto'"
+            )
+        if stored_model_type(directory) == TransformerLM.model_type:
+            raise ValueError(
+                f"{directory} holds a language model, not a translation model: use qkv generate (sampling) or "
+                "qkv evaluate --text (perplexity) with it"
             )
         src, tgt = load_tokenizers(directory)
         model = load_model(directory, device=device)

@@ -42,6 +42,7 @@ from qkv.data.tokenizer import (
     PAD_ID,
     SENTENCEPIECE_MODEL_TYPES,
     TOKENIZER_FILE,
+    TOKENIZERS,
     SentencePieceTokenizer,
     Tokenizer,
     load_tokenizer,
@@ -53,7 +54,8 @@ from qkv.train.ddp import barrier, shard_rows
 from qkv.train.lm_inference import score_tokens, special_ids
 from qkv.train.task import BatchLoss, Task, Validation
 
-LM_TOKENIZERS = ("char", "byte", "sentencepiece")
+# Every tokenizer but "word": a word vocabulary cannot spell a word it has not seen, and a language model must.
+LM_TOKENIZERS = tuple(kind for kind in TOKENIZERS if kind != "word")
 SAMPLE_TEMPERATURE = 0.8
 # LMConfig fields that come from the data, not from the model section.
 DERIVED = ("vocab_size", "pad_id", "eos_id")
