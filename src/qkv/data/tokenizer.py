@@ -40,6 +40,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from qkv.checks import int_at_least
 from qkv.data.parallel import DataError, Pair
 from qkv.data.safe_files import MiB, read_regular_file
 
@@ -67,8 +68,8 @@ def tokenizer_path(path: str | os.PathLike) -> Path:
 
 
 def _check_int(name: str, value: object, minimum: int, why: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise DataError(f"{name} must be an integer >= {minimum}{f' ({why})' if why else ''}; got {value!r}")
+    expected = f"an integer >= {minimum}" + (f" ({why})" if why else "")
+    int_at_least(name, value, minimum, expected=expected, error=DataError)
 
 
 def _read_config(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:

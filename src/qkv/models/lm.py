@@ -13,13 +13,13 @@ Weights are initialized as GPT-2's: ``N(0, 0.02²)`` for embeddings and linear w
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from qkv.checks import ConfigError, int_at_least, non_negative_number, number_between, optional
 from qkv.models.config import LMConfig
 from qkv.models.interface import DecoderOutput
 from qkv.models.transformer import (
@@ -82,16 +82,13 @@ def sample_next(
 
 def check_sampling(temperature: object, top_k: object, top_p: object) -> None:
     """Errors naming the sampling argument that is out of range."""
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not (math.isfinite(temperature) and temperature >= 0)
-    ):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None; got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1] or None; got {top_p!r}")
+    non_negative_number("temperature", temperature, expected="a finite number >= 0 (0 = greedy)")
+    optional(int_at_least)("top_k", top_k, 1, expected="a positive int or None")
+    if top_p is not None:
+        # (0, 1]: the closed interval first (types, NaN), then the open end.
+        number_between("top_p", top_p, 0.0, 1.0, expected="in (0, 1] or None")
+        if top_p == 0:
+            raise ConfigError(f"top_p must be in (0, 1] or None; got {top_p!r} (keeps no token)")
 
 
 class TransformerLM(nn.Module):

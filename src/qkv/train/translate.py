@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from qkv.checks import int_at_least
 from qkv.data.batching import SequentialBatcher, restore_order
 from qkv.data.tokenizer import Tokenizer, load_tokenizer
 from qkv.models.checkpoint import load_model, stored_model_type
@@ -97,8 +98,7 @@ def _option(name: str, flags: bool) -> str:
 
 
 def _check_positive_int(value: object, name: str, note: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1{note}; got {value!r}")
+    int_at_least(name, value, 1, expected=f"an int >= 1{note}")
 
 
 def check_decoding_options(
