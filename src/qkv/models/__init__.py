@@ -8,6 +8,8 @@ from qkv.models.lm import LMState, TransformerLM, sample_next
 from qkv.models.rnn import RNNConfig, RNNDecoderState, RNNSeq2Seq
 from qkv.models.search import beam_search, greedy_search
 from qkv.models.transformer import TransformerDecoderState, TransformerSeq2Seq
+from qkv.models.vit import VisionTransformer, ViTConfig, ViTOutput
+from qkv.models.vit_hf import load_hf_vit
 
 __all__ = [
     "EncoderConfig",
@@ -23,9 +25,13 @@ __all__ = [
     "TransformerEncoder",
     "TransformerLM",
     "TransformerSeq2Seq",
+    "ViTConfig",
+    "ViTOutput",
+    "VisionTransformer",
     "beam_search",
     "gnmt_length_penalty",
     "greedy_search",
+    "load_hf_vit",
     "load_model",
     "mean_pool",
     "sample_next",

@@ -40,6 +40,7 @@ from qkv.models.encoder import TransformerEncoder
 from qkv.models.lm import TransformerLM
 from qkv.models.rnn import RNNConfig, RNNSeq2Seq
 from qkv.models.transformer import TransformerSeq2Seq
+from qkv.models.vit import VisionTransformer, ViTConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -54,6 +55,7 @@ MODEL_TYPES: dict[str, tuple[type[nn.Module], Any]] = {
     TransformerLM.model_type: (TransformerLM, LMConfig),
     TransformerEncoder.model_type: (TransformerEncoder, EncoderConfig),
     RNNSeq2Seq.model_type: (RNNSeq2Seq, RNNConfig),
+    VisionTransformer.model_type: (VisionTransformer, ViTConfig),
 }
 
 
