@@ -260,15 +260,15 @@ def test_the_kinds_a_model_has_are_named(models, capsys) -> None:
 
 
 def test_a_model_directory_of_an_unknown_kind(models, tmp_path, capsys) -> None:
-    directory = tmp_path / "vit"
+    directory = tmp_path / "clip"
     directory.mkdir()
-    (directory / "config.json").write_text(json.dumps({"model_type": "vit", "patch_size": 16}), encoding="utf-8")
+    (directory / "config.json").write_text(json.dumps({"model_type": "clip", "patch_size": 16}), encoding="utf-8")
     status, out, err = run(capsys, "--model", str(directory), TEXT)
     assert (status, out) == (2, "")
     assert err == (
-        f"qkv show: error: {directory / 'config.json'}: qkv show cannot show a model of model_type 'vit'; it shows "
-        "'transformer_lm', 'transformer_seq2seq', 'rnn', 'bert' (a language model, translation models, a "
-        "pretrained encoder)\n"
+        f"qkv show: error: {directory / 'config.json'}: qkv show cannot show a model of model_type 'clip'; it shows "
+        "'transformer_lm', 'transformer_seq2seq', 'rnn', 'vit', 'bert' (a language model, translation models, an "
+        "image classifier, a pretrained encoder)\n"
     )
 
 

@@ -1,5 +1,6 @@
 """``qkv evaluate --model DIR --src FILE --ref FILE [--beam N]``: translate a test set and score it;
-``qkv evaluate --model DIR --text FILE``: score a text under a language model.
+``qkv evaluate --model DIR --text FILE``: score a text under a language model; ``qkv evaluate --model DIR
+[--images ROOT]``: the accuracy of an image classifier.
 
 Prints corpus BLEU and chrF with their sacrebleu signatures (scores are comparable only under equal
 signatures) and the exact-match rate::
@@ -18,6 +19,14 @@ perplexity, and bits per character and per UTF-8 byte of the whole file (see
 
     loss = 1.4321 nats/token, perplexity = 4.19 (111,540 tokens)
     bits per character = 2.066 (111,540 characters), bits per byte = 2.066 (111,540 bytes)
+
+With an image classifier (``task: image_classification``) it prints the accuracy, loss and per-class
+accuracy on ``--images ROOT`` (a folder with one sub-folder per class, named as the model's classes) or,
+without it, on the test split the run held out (the built-in digits' is always there; a folder's when it is
+still where training read it)::
+
+    accuracy = 98.51% (265/269 images), loss = 0.0612
+    per class: 0 100.0% | 1 100.0% | ...
 """
 
 from __future__ import annotations
@@ -48,6 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--src", type=Path, metavar="FILE", help="source sentences, one a line")
     p.add_argument("--ref", type=Path, metavar="FILE", help="reference translations, line by line")
     p.add_argument("--text", type=Path, metavar="FILE", help="a UTF-8 text to score under a language model")
+    p.add_argument(
+        "--images",
+        type=Path,
+        metavar="ROOT",
+        help="image classifiers: a folder of class folders to score (default: the run's test split)",
+    )
     p.add_argument("--beam", type=int, default=5, metavar="N", help="beam size; 1 is greedy search (default 5)")
     add_decoding_options(p)
     p.add_argument("--hyp", type=Path, metavar="FILE", help="also write the translations to FILE")
@@ -61,6 +76,13 @@ def _fail(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qkv.models.vit import VisionTransformer
+    from qkv.train.lm_inference import model_type_of
+
+    if args.images is not None or model_type_of(args.model) == VisionTransformer.model_type:
+        if args.src is not None or args.ref is not None or args.text is not None:
+            return _fail("--src, --ref and --text apply to text models; an image classifier takes --images ROOT")
+        return run_images(args)
     if args.text is not None:
         if args.src is not None or args.ref is not None:
             return _fail("give --text (a language model) or --src and --ref (a translation model), not both")
@@ -90,6 +112,37 @@ def run_lm(args: argparse.Namespace) -> int:
             f"bits per character = {result.bpc:.3f} ({result.chars:,} characters), "
             f"bits per byte = {result.bpb:.3f} ({result.bytes:,} bytes)"
         )
+    return 0
+
+
+def run_images(args: argparse.Namespace) -> int:
+    """Score the image classifier ``--model`` on ``--images`` (or on its run's test split)."""
+    from qkv.data.parallel import DataError
+    from qkv.train.image_inference import ImageClassifier
+    from qkv.train.tasks.image import per_class_line
+
+    try:
+        classifier = ImageClassifier.load(args.model, device=args.device)
+        images = classifier.test_split() if args.images is None else classifier.read_folder(args.images)
+        scores = classifier.evaluate(images)
+    except (OSError, ValueError, DataError) as e:
+        return _fail(str(e))
+    per_class = scores.per_class(classifier.class_names)
+    if args.json:
+        data = {
+            "accuracy": scores.accuracy,
+            "loss": scores.loss,
+            "images": scores.images,
+            "per_class_accuracy": per_class,
+            "confusion_matrix": scores.confusion.tolist(),
+            "model": str(args.model),
+            "data": "test split" if args.images is None else str(args.images),
+        }
+        print(json.dumps(data, indent=2))
+    else:
+        correct = int(scores.confusion.diag().sum())
+        print(f"accuracy = {scores.accuracy:.2%} ({correct}/{scores.images} images), loss = {scores.loss:.4f}")
+        print(per_class_line(per_class).strip())
     return 0
 
 

