@@ -88,4 +88,5 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Atte
         scale=scale,
         enable_gqa=spec.kv_heads != spec.heads,
     )
-    return out.reshape(*spec.batch_shape, spec.heads, spec.q_len, spec.value_dim)
+    shape = (*spec.batch_shape, spec.heads, spec.q_len, spec.value_dim)
+    return out if out.shape == shape else out.reshape(shape)

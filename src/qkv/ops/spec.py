@@ -107,6 +107,8 @@ class AttentionSpec:
 def flatten_batch(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     """A ``(..., X, Y, Z)`` tensor of the call (or broadcastable to it, like a mask) as the 4-D
     ``(B|1, X, Y, Z)`` that fused kernels take; a view when the layout allows."""
+    if t.ndim == 4 and len(spec.batch_shape) == 1 and t.shape[0] in (1, spec.batch_shape[0]):
+        return t  # already (B|1, X, Y, Z): no view op (each one is an autograd node on every call)
     t = t.reshape((1,) * (len(spec.batch_shape) + 3 - t.ndim) + tuple(t.shape))
     lead = tuple(t.shape[:-3])
     if all(n == 1 for n in lead):
