@@ -179,8 +179,8 @@ def attention(
     value that some query does attend makes the output non-finite.
 
     Gradients: ``out`` is differentiable on every backend. When q, k or v require grad, ``weights`` and
-    ``lse`` are differentiable too: on ``tiled`` and ``triton`` they then come from the reference
-    formula (O(L·S) memory, as the weights themselves), while ``out`` keeps the backend's O(N) path.
+    ``lse`` are differentiable too: such a call runs on the reference path whatever ``backend`` says
+    (the differentiable weights are L×S anyway; :func:`explain_backend` says so).
     """
     backend = check_backend(backend)
     spec = build_spec(
@@ -210,12 +210,9 @@ def attention(
     if choice.backend == "torch":
         return sdpa_attention(q, k, v, spec)
     seed = draw_seed(generator) if spec.dropout > 0 else None
-    differentiable_extras = (return_weights or return_lse) and _require_grad(q, k, v)
     if choice.backend in ("tiled", "triton"):
         run = tiled_attention if choice.backend == "tiled" else triton_attention
-        out, weights, lse = run(q, k, v, spec, seed, return_weights and not differentiable_extras)
-        if differentiable_extras:
-            _, weights, lse = math_attention(q, k, v, spec, seed)
+        out, weights, lse = run(q, k, v, spec, seed, return_weights)
     else:
         out, weights, lse = math_attention(q, k, v, spec, seed)
     extras: tuple[torch.Tensor, ...] = ()

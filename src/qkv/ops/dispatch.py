@@ -13,8 +13,8 @@ Policy of ``backend="auto"`` (measured with ``qkv bench``; figures in the README
    rule 1 failed): only the reference path differentiates them, and running the output on an O(N)
    path beside it would save nothing, since the differentiable weights are ``L×S`` anyway.
 
-An explicit ``backend="tiled"`` or ``"triton"`` with differentiable weights/lse computes ``out`` on
-that backend and the weights/lse with the reference formula (see :func:`qkv.attention`).
+Rule 4 holds for an explicit ``backend="tiled"`` or ``"triton"`` too: the call runs on ``math`` (after
+checking that the requested backend could run it), and the returned choice says why.
 
 On CUDA, one rule comes between 1 and 2: a call that SDPA does not cover without a dense mask (rule 1
 failed) runs on ``triton``, the fused Triton kernels, whenever they cover it (Triton installed, a GPU of
@@ -48,6 +48,11 @@ def _triton_reason(spec: AttentionSpec, device: torch.device | None, dtype: torc
         return "the inputs' device and dtype were not given to the dispatcher"
     return triton_unsupported_reason(spec, device, dtype)
 
+
+_EXTRAS_GRAPH = (
+    "the weights/lse are asked for while q, k or v require grad, and only the reference path differentiates "
+    "them (they are L×S anyway)"
+)
 
 BACKENDS = ("auto", "math", "torch", "tiled", "triton")
 # Below this many scores per head, the reference path beats the tiled one's per-call overhead.
@@ -98,11 +103,15 @@ def choose_backend(
     if backend == "tiled":
         if why_not_tiled is not None:
             raise ValueError(f"backend='tiled' cannot run this call: {why_not_tiled}; use 'auto' or 'math'")
+        if needs_graph_through_extras:
+            return BackendChoice("math", f"tiled was requested, but {_EXTRAS_GRAPH}")
         return BackendChoice("tiled", "requested: online softmax over key blocks, O(N) memory")
     if backend == "triton":
         why_not_triton = _triton_reason(spec, device, dtype)
         if why_not_triton is not None:
             raise ValueError(f"backend='triton' cannot run this call: {why_not_triton}; use 'auto', 'tiled' or 'math'")
+        if needs_graph_through_extras:
+            return BackendChoice("math", f"triton was requested, but {_EXTRAS_GRAPH}")
         return BackendChoice("triton", "requested: fused Triton kernels, O(N) memory")
     if backend == "torch":
         if why_not_sdpa is not None:
@@ -117,8 +126,7 @@ def choose_backend(
     if needs_graph_through_extras:
         return BackendChoice(
             "math",
-            f"{why_not_sdpa}; the weights/lse are asked for while q, k or v require "
-            "grad, and only the reference path differentiates them",
+            f"{why_not_sdpa}; {_EXTRAS_GRAPH}",
         )
     if device is not None and device.type == "cuda" and _triton_reason(spec, device, dtype) is None:
         return BackendChoice(
