@@ -150,12 +150,20 @@ def _check_file(path: Path, max_bytes: int) -> None:
         raise ModelFileError(str(e)) from None
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, a regular file of at most :data:`MAX_CONFIG_BYTES`."""
     try:
         config = json.loads(read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8"))
     except ValueError as e:  # also UnicodeDecodeError and JSONDecodeError
         raise ModelFileError(f"{path} is not a JSON model config: {e}") from None
-    if not isinstance(config, dict) or "model_type" not in config:
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path} must be a JSON object with a 'model_type' key")
+    return config
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config = _read_json_object(path)
+    if "model_type" not in config:
         raise ModelFileError(f"{path} must be a JSON object with a 'model_type' key")
     return config
 
@@ -194,13 +202,7 @@ def stored_model_type(directory: str | os.PathLike[str]) -> str | None:
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
         return None
-    try:
-        config = json.loads(read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8"))
-    except ValueError as e:  # also UnicodeDecodeError and JSONDecodeError
-        raise ModelFileError(f"{path} is not a JSON model config: {e}") from None
-    if not isinstance(config, dict):
-        raise ModelFileError(f"{path} must hold a JSON object; got a {type(config).__name__}")
-    kind = config.get("model_type")
+    kind = _read_json_object(path).get("model_type")
     return kind if isinstance(kind, str) else None
 
 

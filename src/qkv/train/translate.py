@@ -97,10 +97,6 @@ def _option(name: str, flags: bool) -> str:
     return "--" + name.replace("_", "-") if flags else name
 
 
-def _check_positive_int(value: object, name: str, note: str = "") -> None:
-    int_at_least(name, value, 1, expected=f"an int >= 1{note}")
-
-
 def check_decoding_options(
     *,
     beam: int,
@@ -112,11 +108,11 @@ def check_decoding_options(
     """``ValueError`` unless the options are usable: ``beam``, ``max_tokens`` and ``max_output_length`` (when
     given) positive ints, ``length_penalty`` a number in ``[0, MAX_LENGTH_PENALTY]``. With ``flags`` the
     messages name the command-line options (``--length-penalty``) instead of the arguments."""
-    _check_positive_int(beam, _option("beam", flags), " (1: greedy)")
+    int_at_least(_option("beam", flags), beam, 1, expected="an int >= 1 (1: greedy)")
     check_length_penalty(length_penalty, _option("length_penalty", flags))
-    _check_positive_int(max_tokens, _option("max_tokens", flags))
+    int_at_least(_option("max_tokens", flags), max_tokens)
     if max_output_length is not None:
-        _check_positive_int(max_output_length, _option("max_output_length", flags))
+        int_at_least(_option("max_output_length", flags), max_output_length)
 
 
 def output_length_cap(model: Seq2SeqModel, max_output_length: int | None = None, *, flags: bool = False) -> int:
@@ -131,7 +127,7 @@ def output_length_cap(model: Seq2SeqModel, max_output_length: int | None = None,
     if max_output_length is None:
         return DEFAULT_MAX_OUTPUT_LENGTH if positions is None else min(DEFAULT_MAX_OUTPUT_LENGTH, positions)
     name = _option("max_output_length", flags)
-    _check_positive_int(max_output_length, name)
+    int_at_least(name, max_output_length)
     if positions is not None and max_output_length > positions:
         raise ValueError(
             f"{name} {max_output_length} exceeds the model's {positions} learned positions; "
@@ -143,7 +139,7 @@ def output_length_cap(model: Seq2SeqModel, max_output_length: int | None = None,
 def chunks(items: Sequence[str], size: int | None = None) -> Iterator[Sequence[str]]:
     """``items`` in consecutive pieces of ``size`` (default :data:`DEFAULT_CHUNK_SIZE`; the last one shorter)."""
     size = DEFAULT_CHUNK_SIZE if size is None else size
-    _check_positive_int(size, "size")
+    int_at_least("size", size)
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
