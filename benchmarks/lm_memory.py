@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 import qkv
 import qkv.nn.multi_head
-from qkv.bench.runner import _reset_peak_rss, _status_kib, available_memory, cpu_model, format_bytes
+from qkv.bench.runner import available_memory, cpu_model, format_bytes, peak_rss_growth
 from qkv.models.config import LMConfig
 from qkv.models.lm import TransformerLM
 
@@ -119,11 +119,9 @@ def _malloc_trim() -> None:
 def _peak_of(step: Callable[[], object]) -> dict[str, Any]:
     """The growth of the peak RSS over one call of ``step``, then the seconds of a second call."""
     _malloc_trim()
-    if not _reset_peak_rss():
+    peak = peak_rss_growth(step)
+    if peak is None:
         raise RuntimeError("measuring peak memory needs Linux's /proc/self/clear_refs and VmHWM")
-    before = (_status_kib("VmRSS") or 0) * 1024
-    step()
-    peak = max(0, (_status_kib("VmHWM") or 0) * 1024 - before)
     start = time.perf_counter()
     step()
     return {"peak_bytes": peak, "method": "VmHWM", "seconds": time.perf_counter() - start}

@@ -366,6 +366,16 @@ def _reset_peak_rss() -> bool:
     return _status_kib("VmHWM") is not None
 
 
+def peak_rss_growth(step: Callable[[], object]) -> int | None:
+    """How far one call of ``step`` raised this process's peak RSS above its RSS before, in bytes
+    (``VmHWM``, reset first); ``None`` where Linux's /proc cannot reset and read the peak."""
+    if not _reset_peak_rss():
+        return None
+    before = (_status_kib("VmRSS") or 0) * 1024
+    step()
+    return max(0, (_status_kib("VmHWM") or 0) * 1024 - before)
+
+
 def _ru_maxrss_bytes() -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
@@ -384,10 +394,9 @@ def measure_peak(case: Case, backend: str, threads: int) -> dict[str, Any]:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
         return {"peak_bytes": peak, "method": "cuda.max_memory_allocated"}
-    if _reset_peak_rss():
-        before = (_status_kib("VmRSS") or 0) * 1024
-        step()
-        return {"peak_bytes": max(0, (_status_kib("VmHWM") or 0) * 1024 - before), "method": "VmHWM"}
+    rss_peak = peak_rss_growth(step)
+    if rss_peak is not None:
+        return {"peak_bytes": rss_peak, "method": "VmHWM"}
     before = _ru_maxrss_bytes()
     step()
     return {"peak_bytes": _ru_maxrss_bytes() - before, "method": "ru_maxrss"}
