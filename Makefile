@@ -16,7 +16,7 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.test: $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e ".[test,bench,data,train,pretrained,vision]"
+	$(PIP) install -q -e ".[test,bench,data,train,pretrained,vision,deploy]"
 	touch $@
 
 $(VENV)/.demo: $(VENV)/.torch pyproject.toml

@@ -138,6 +138,18 @@ class MultiHeadAttention(nn.Module):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
 
+    def projection_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """The four projections as ``{"q", "k", "v", "out"}`` → ``(weight, bias)`` (``bias`` None without biases).
+
+        Shapes: q ``(E, E)``, k ``(Hkv·head_dim, kdim)``, v ``(Hkv·head_dim, vdim)``, out ``(E, E)``; the
+        weights are ``nn.Linear``'s ``(out_features, in_features)``. For exporters and loaders that need
+        the projections one by one, whatever the module stores.
+        """
+        return {
+            name: (proj.weight, proj.bias)
+            for name, proj in (("q", self.q_proj), ("k", self.k_proj), ("v", self.v_proj), ("out", self.out_proj))
+        }
+
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kv_heads={self.kv_heads}, "
