@@ -56,6 +56,7 @@ from torch import nn
 from qkv.bench.runner import cpu_model
 from qkv.models.config import LMConfig
 from qkv.models.lm import TransformerLM
+from qkv.nn.multi_head import unstack_projections
 
 VOCAB = 65  # tiny Shakespeare's characters
 SIDES = ("qkv", "plain", "nanogpt")
@@ -162,8 +163,9 @@ MODEL_NAMES = {"embed_tokens": "wte", "embed_positions": "wpe", "norm": "ln_f", 
 
 
 def build_plain(ours: TransformerLM, size: Size, vocab: int, fused: bool) -> PlainGPT:
-    """A :class:`PlainGPT` holding ``ours``' weights (q/k/v concatenated into ``c_attn`` when ``fused``)."""
-    theirs = ours.state_dict()
+    """A :class:`PlainGPT` holding ``ours``' weights (qkv's stacked ``in_proj`` is nanoGPT's ``c_attn``; split into
+    q/k/v when not ``fused``)."""
+    theirs = unstack_projections(ours.state_dict())
     state = {}
     for key, value in theirs.items():
         module, _, rest = key.partition(".")

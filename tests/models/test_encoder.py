@@ -103,7 +103,7 @@ def test_parameter_names_map_to_bert() -> None:
     ):
         assert name in names
     bert = qkv_to_bert_state_dict(model.state_dict())
-    assert len(bert) == len(names)
+    assert len(bert) == len(names) + 2 * 2 * model.config.num_hidden_layers  # in_proj → query, key, value
     for suffix in (
         "attention.self.query.weight",
         "attention.self.key.bias",

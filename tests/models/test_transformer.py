@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from qkv.models import TransformerConfig, TransformerSeq2Seq
 from qkv.models.interface import DecoderState, EncoderOutput, Seq2SeqModel
+from qkv.nn import MultiHeadAttention
 
 F64 = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-10}
@@ -126,15 +127,19 @@ def test_initialization_is_xavier_with_zero_biases() -> None:
     zero; embeddings and an untied output projection have variance 1 / E. A variance estimated from n weights
     is within 4·√(2/n) of the truth but for a 1e-4 chance; nn.Linear's default is at most 5/6 of Xavier's here."""
     model = make_model(d_model=64, ffn_dim=256, tie_embeddings=False)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    linears = [(n, m.weight, m.bias) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    linears = [(n, w, b) for n, w, b in linears if not n.endswith("in_proj")]
+    for name, m in model.named_modules():  # the fused q/k/v projections, each with its own fan
+        if isinstance(m, MultiHeadAttention):
+            linears += [(f"{name}.{p}", *m.projection_weights()[p]) for p in "qkv"]
     assert len(linears) == 2 * 6 + 2 * 10 + 1  # encoder 4 attention + 2 FFN, decoder 8 + 2, output
-    for name, module in linears:
-        fan_out, fan_in = module.weight.shape
+    for name, weight, bias in linears:
+        fan_out, fan_in = weight.shape
         expected = 1 / 64 if name == "decoder.output_projection" else 2 / (fan_in + fan_out)
-        tolerance = 4 * (2 / module.weight.numel()) ** 0.5
-        assert module.weight.var().item() == pytest.approx(expected, rel=tolerance), name
-        if module.bias is not None:
-            assert torch.count_nonzero(module.bias) == 0, name
+        tolerance = 4 * (2 / weight.numel()) ** 0.5
+        assert weight.var().item() == pytest.approx(expected, rel=tolerance), name
+        if bias is not None:
+            assert torch.count_nonzero(bias) == 0, name
     for embed in (model.encoder.embed_tokens, model.decoder.embed_tokens):
         assert embed.weight.var().item() == pytest.approx(1 / 64, rel=4 * (2 / embed.weight.numel()) ** 0.5)
 

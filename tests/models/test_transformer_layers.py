@@ -13,11 +13,8 @@ TOL = {"rtol": 1e-10, "atol": 1e-10}
 
 
 def copy_attention(ours, ref: nn.MultiheadAttention) -> None:
-    wq, wk, wv = ref.in_proj_weight.chunk(3)
-    bq, bk, bv = ref.in_proj_bias.chunk(3)
-    for proj, w, b in ((ours.q_proj, wq, bq), (ours.k_proj, wk, bk), (ours.v_proj, wv, bv)):
-        proj.weight.copy_(w)
-        proj.bias.copy_(b)
+    ours.in_proj.weight.copy_(ref.in_proj_weight)  # both stack q, k, v in that order
+    ours.in_proj.bias.copy_(ref.in_proj_bias)
     ours.out_proj.weight.copy_(ref.out_proj.weight)
     ours.out_proj.bias.copy_(ref.out_proj.bias)
 

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from qkv.checks import ConfigError
 from qkv.models import VisionTransformer, ViTConfig, load_hf_vit, load_model, save_model
 from qkv.models.vit import sincos_2d
+from qkv.nn.multi_head import unstack_projections
 
 try:
     import transformers
@@ -236,7 +237,7 @@ def test_save_and_load_model_round_trip(tmp_path: Path, overrides: dict[str, Any
 
 def test_no_qkv_bias_keeps_the_output_projection_bias() -> None:
     state = small(qkv_bias=False).state_dict()
-    assert "layers.0.self_attn.q_proj.bias" not in state and "layers.0.self_attn.v_proj.bias" not in state
+    assert "layers.0.self_attn.in_proj.bias" not in state and "layers.0.self_attn.in_proj.weight" in state
     assert "layers.0.self_attn.out_proj.bias" in state
 
 
@@ -247,7 +248,7 @@ HF_CONFIG |= {"num_attention_heads": 4, "intermediate_size": 32, "num_labels": 1
 def hf_state() -> dict[str, torch.Tensor]:
     """qkv's small model's weights under transformers 5's ViT names (written here, not by qkv)."""
     out = {}
-    for key, t in small().state_dict().items():
+    for key, t in unstack_projections(small().state_dict()).items():
         for ours, theirs in [
             ("self_attn.out_proj", "attention.o_proj"),
             ("self_attn.", "attention."),

@@ -27,11 +27,15 @@ def reference_pair(
         else:
             wq, wk, wv = ref.q_proj_weight, ref.k_proj_weight, ref.v_proj_weight
         bq, bk, bv = ref.in_proj_bias.chunk(3)
-        for proj, w, b in ((ours.q_proj, wq, bq), (ours.k_proj, wk, bk), (ours.v_proj, wv, bv)):
-            proj.weight.copy_(w)
-            proj.bias.copy_(b)
-        ours.out_proj.weight.copy_(ref.out_proj.weight)
-        ours.out_proj.bias.copy_(ref.out_proj.bias)
+        projections = ours.projection_weights()  # views of in_proj's rows when ours is fused
+        for name, w, b in (
+            ("q", wq, bq),
+            ("k", wk, bk),
+            ("v", wv, bv),
+            ("out", ref.out_proj.weight, ref.out_proj.bias),
+        ):
+            projections[name][0].copy_(w)
+            projections[name][1].copy_(b)
     return ref.eval(), ours.eval()
 
 
@@ -145,6 +149,59 @@ def test_backward_matches_torch() -> None:
     torch.testing.assert_close(our_bias_grad, ref.in_proj_bias.grad, **TOL)
 
 
+def test_fused_projection_gradients_match_torch() -> None:
+    ref, ours = reference_pair(12, 3, seed=5)
+    assert ours.fused
+    x = randn(2, 5, 12)
+    grad_out = randn(2, 5, 12)
+    (ref(x, x, x, attn_mask=torch.ones(5, 5, dtype=torch.bool).triu(1))[0] * grad_out).sum().backward()
+    (ours(x, causal=True)[0] * grad_out).sum().backward()
+    torch.testing.assert_close(ours.in_proj.weight.grad, ref.in_proj_weight.grad, **TOL)
+    torch.testing.assert_close(ours.in_proj.bias.grad, ref.in_proj_bias.grad, **TOL)
+    torch.testing.assert_close(ours.out_proj.weight.grad, ref.out_proj.weight.grad, **TOL)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("same_key_value", [True, False])
+def test_fused_cross_attention_equals_separate_projections(kv_heads: int, same_key_value: bool) -> None:
+    """Cross-attention through in_proj's row blocks == separate q/k/v Linear layers holding those rows."""
+    torch.manual_seed(9)
+    ours = MultiHeadAttention(16, 4, kv_heads=kv_heads).double()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    query, key = randn(2, 3, 16), randn(2, 6, 16)
+    value = key if same_key_value else randn(2, 6, 16)
+    projections = {
+        n: nn.functional.linear(t, *ours.projection_weights()[n])
+        for n, t in zip("qkv", (query, key, value), strict=True)
+    }
+    q, k, v = (
+        projections[n].reshape(2, -1, h, 4).transpose(1, 2) for n, h in zip("qkv", (4, kv_heads, kv_heads), strict=True)
+    )
+    k, v = (t.repeat_interleave(4 // kv_heads, dim=1) for t in (k, v))
+    expected = torch.softmax(q @ k.transpose(-1, -2) / 2, dim=-1) @ v
+    expected = nn.functional.linear(expected.transpose(1, 2).reshape(2, 3, 16), *ours.projection_weights()["out"])
+    torch.testing.assert_close(ours(query, key, value)[0], expected, **TOL)
+
+
+def test_separate_projection_state_dicts_load_into_the_fused_module() -> None:
+    """A state dict with q_proj/k_proj/v_proj entries (qkv before in_proj) loads, stacked, and computes the same."""
+    torch.manual_seed(10)
+    fused = MultiHeadAttention(8, 2, kv_heads=1).double()
+    separate = {
+        f"{n}_proj.{kind}": t
+        for n, (w, b) in fused.projection_weights().items()
+        for kind, t in (("weight", w), ("bias", b))
+    }
+    assert set(separate) == {f"{n}_proj.{k}" for n in ("q", "k", "v", "out") for k in ("weight", "bias")}
+    fresh = MultiHeadAttention(8, 2, kv_heads=1).double()
+    fresh.load_state_dict({k: v.clone() for k, v in separate.items()})
+    x = randn(2, 4, 8)
+    torch.testing.assert_close(fresh(x)[0], fused(x)[0], atol=0, rtol=0)
+    assert set(fresh.state_dict()) == {"in_proj.weight", "in_proj.bias", "out_proj.weight", "out_proj.bias"}
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 def test_gradcheck(kv_heads: int) -> None:
     torch.manual_seed(6)
@@ -164,14 +221,16 @@ def expanded_to_all_heads(gqa: MultiHeadAttention) -> MultiHeadAttention:
     """An equivalent module with one key/value head per query head (the GQA K/V heads repeated)."""
     full = MultiHeadAttention(gqa.embed_dim, gqa.num_heads, kdim=gqa.kdim, vdim=gqa.vdim).double()
     groups = gqa.num_heads // gqa.kv_heads
+    small, big = gqa.projection_weights(), full.projection_weights()
     with torch.no_grad():
-        full.q_proj.load_state_dict(gqa.q_proj.state_dict())
-        full.out_proj.load_state_dict(gqa.out_proj.state_dict())
-        for small, big in ((gqa.k_proj, full.k_proj), (gqa.v_proj, full.v_proj)):
-            w = small.weight.reshape(gqa.kv_heads, gqa.head_dim, -1).repeat_interleave(groups, dim=0)
-            big.weight.copy_(w.reshape(big.weight.shape))
-            b = small.bias.reshape(gqa.kv_heads, gqa.head_dim).repeat_interleave(groups, dim=0)
-            big.bias.copy_(b.reshape(-1))
+        for name in ("q", "out"):
+            big[name][0].copy_(small[name][0])
+            big[name][1].copy_(small[name][1])
+        for name in ("k", "v"):
+            w = small[name][0].reshape(gqa.kv_heads, gqa.head_dim, -1).repeat_interleave(groups, dim=0)
+            big[name][0].copy_(w.reshape(big[name][0].shape))
+            b = small[name][1].reshape(gqa.kv_heads, gqa.head_dim).repeat_interleave(groups, dim=0)
+            big[name][1].copy_(b.reshape(-1))
     return full
 
 
@@ -182,7 +241,8 @@ def test_grouped_query_equals_repeated_kv_heads(kv_heads: int) -> None:
     with torch.no_grad():
         for p in gqa.parameters():
             p.copy_(torch.randn_like(p) * 0.5)
-    assert gqa.k_proj.out_features == kv_heads * 4
+    assert gqa.projection_weights()["k"][0].shape == (kv_heads * 4, 16)
+    assert gqa.in_proj.out_features == 16 + 2 * kv_heads * 4
     full = expanded_to_all_heads(gqa)
     x = randn(2, 6, 16)
     out, w = gqa(x, causal=True, need_weights=True)
@@ -204,7 +264,7 @@ def test_dropout_only_in_training() -> None:
     assert (w == 0).any()
     assert not torch.allclose(out, plain(x)[0])
     # The returned weights are the ones applied: out == out_proj(weights @ v).
-    v = mha.v_proj(x).reshape(2, 6, 2, 4).transpose(1, 2)  # (B, H, S, head_dim)
+    v = nn.functional.linear(x, *mha.projection_weights()["v"]).reshape(2, 6, 2, 4).transpose(1, 2)  # (B, H, S, D)
     torch.testing.assert_close(out, mha.out_proj((w @ v).transpose(1, 2).reshape(2, 6, 8)), **TOL)
 
 
@@ -218,11 +278,13 @@ def test_fully_masked_rows_are_zero_not_nan() -> None:
 
 
 def test_default_init_matches_torch_conventions() -> None:
-    mha = MultiHeadAttention(8, 2)
-    for proj in (mha.q_proj, mha.k_proj, mha.v_proj, mha.out_proj):
-        assert (proj.bias == 0).all()
+    mha = MultiHeadAttention(64, 2)
+    for name, (weight, bias) in mha.projection_weights().items():
+        assert bias is not None and (bias == 0).all()
+        if name != "out":  # Xavier-uniform per projection, each with its own fan: bound sqrt(6 / (64 + 64))
+            assert weight.abs().max() <= 0.2166 and weight.abs().max() > 0.19
     no_bias = MultiHeadAttention(8, 2, bias=False)
-    assert all(p.bias is None for p in (no_bias.q_proj, no_bias.k_proj, no_bias.v_proj, no_bias.out_proj))
+    assert all(b is None for _, b in no_bias.projection_weights().values())
 
 
 # Bad input: one test per error; each message names the argument.

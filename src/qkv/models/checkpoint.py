@@ -41,6 +41,7 @@ from qkv.models.lm import TransformerLM
 from qkv.models.rnn import RNNConfig, RNNSeq2Seq
 from qkv.models.transformer import TransformerSeq2Seq
 from qkv.models.vit import VisionTransformer, ViTConfig
+from qkv.nn.multi_head import separate_projection_keys, stack_separate_projections
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -220,6 +221,9 @@ def _check_against_header(cls: type[nn.Module], config: Any, config_path: Path, 
             )
     with torch.device("meta"), _SkipInPlaceOnMeta():  # shapes only: no memory is allocated
         skeleton = cls(config)
+    for fused, separate in separate_projection_keys(skeleton, stored).items():  # files from before in_proj
+        shapes = [stored.pop(n) for n in separate]
+        stored[fused] = (sum(s[0] for s in shapes), *shapes[0][1:])
     first_of: dict[int, str] = {}
     expected: dict[str, tuple[int, ...]] = {}
     for key, t in skeleton.state_dict(keep_vars=True).items():
@@ -275,6 +279,7 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> 
     _check_against_header(cls, model_config, config_path, weights_path)
     tensors = _load_weights(weights_path)
     model = cls(model_config)
+    tensors = stack_separate_projections(model, tensors)
     expected = model.state_dict()
     aliases = tied_keys(expected)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}

@@ -29,6 +29,7 @@ from torch import nn
 from qkv.models.config import EncoderConfig
 from qkv.models.transformer import check_lengths, check_positions, check_tokens, stack_layers
 from qkv.nn import LearnedPositionalEmbedding, TransformerEncoderLayer
+from qkv.nn.multi_head import unstack_projections
 
 BERT_LAYER_NAMES = {
     "attention.self.query": "self_attn.q_proj",
@@ -230,10 +231,11 @@ def bert_to_qkv_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def qkv_to_bert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`bert_to_qkv_state_dict` (no ``bert.`` prefix, no pooler)."""
+    """The inverse of :func:`bert_to_qkv_state_dict` (no ``bert.`` prefix, no pooler; each fused ``in_proj``
+    split into BERT's query, key and value)."""
     inverse = {ours: theirs for theirs, ours in BERT_LAYER_NAMES.items()}
     out: dict[str, torch.Tensor] = {}
-    for key, tensor in state_dict.items():
+    for key, tensor in unstack_projections(state_dict).items():
         renamed = key if key.startswith("embeddings.") else _rename_layer_key(key, inverse)
         if renamed is None:
             raise ValueError(f"{key!r} is not a TransformerEncoder parameter name")

@@ -42,6 +42,7 @@ from safetensors.torch import load_file
 
 from qkv.models.config import EncoderConfig
 from qkv.models.encoder import TransformerEncoder, bert_to_qkv_state_dict
+from qkv.nn.multi_head import stack_separate_projections
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -335,6 +336,10 @@ def load_encoder(directory: str | Path) -> TransformerEncoder:
     except ValueError as error:
         raise ValueError(f"{weights}: {error}") from None
     model = TransformerEncoder(config)
+    try:
+        state = stack_separate_projections(model, state)
+    except ValueError as error:
+        raise ValueError(f"{weights}: {error}") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:

@@ -42,6 +42,7 @@ from qkv.nn import (
     TransformerDecoderLayer,
     TransformerEncoderLayer,
 )
+from qkv.nn.multi_head import linear_layers
 from qkv.ops.spec import is_integer_tensor
 
 
@@ -234,11 +235,11 @@ class TransformerSeq2Seq(nn.Module):
             c.d_model,
             c.layer_norm_eps,
         )
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            for _, weight, bias in linear_layers(self):
+                nn.init.xavier_uniform_(weight)
+                if bias is not None:
+                    nn.init.zeros_(bias)
         self.decoder.output_projection = nn.Linear(c.d_model, c.tgt_vocab_size, bias=False)
         nn.init.normal_(self.decoder.output_projection.weight, std=c.d_model**-0.5)
         for embed in {id(src_embed): src_embed, id(tgt_embed): tgt_embed}.values():

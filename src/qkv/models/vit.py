@@ -300,8 +300,7 @@ class VisionTransformer(nn.Module):
         if not c.qkv_bias:
             # ViT's qkv_bias drops the query, key and value biases only; the output projection keeps its own.
             for layer in layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.register_parameter("bias", None)
+                layer.self_attn.in_proj.register_parameter("bias", None)
         self.layers = nn.ModuleList(layers)
         self.layernorm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
         self.classifier = nn.Linear(c.d_model, c.num_classes)

@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 from qkv.checks import short_repr
 from qkv.models.pretrained import CONFIG_FILE, HF_ONLY_KEYS, PICKLE_FILES, WEIGHTS_FILE
 from qkv.models.vit import VisionTransformer, ViTConfig
+from qkv.nn.multi_head import stack_separate_projections
 
 # Inside a layer: ViT's module names (transformers 5, then the checkpoint files of transformers 4) → qkv's.
 HF_VIT_LAYER_NAMES = {
@@ -213,6 +214,10 @@ def load_hf_vit(
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
     model = VisionTransformer(model_config)
+    try:
+        renamed = stack_separate_projections(model, renamed)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in renamed]
     if missing:

@@ -3,9 +3,17 @@
 Computes what ``torch.nn.MultiheadAttention(batch_first=True)`` computes (the same numbers once its
 weights are copied in), through :func:`qkv.attention`, so it also takes ``key_lengths``, bottom-right
 ``causal`` for KV-cached decoding, grouped-query / multi-query heads (``kv_heads``) and a
-:class:`~qkv.nn.KVCache`. Its weights map as ``q_proj.weight, k_proj.weight, v_proj.weight =
-in_proj_weight.chunk(3)`` (or ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` when ``kdim`` or
-``vdim`` differ from ``E``), the biases likewise from ``in_proj_bias``, and ``out_proj`` as is.
+:class:`~qkv.nn.KVCache`.
+
+Parameters, as ``nn.MultiheadAttention`` stores them: when ``kdim == vdim == E`` (self-attention, and
+cross-attention between equal widths) one ``in_proj = Linear(E, E + 2·Hkv·head_dim)`` holds the query, key and
+value projections stacked in that order, so self-attention projects with one matrix product (as nanoGPT's
+``c_attn``); otherwise ``q_proj``, ``k_proj`` and ``v_proj`` are separate. ``nn.MultiheadAttention``'s weights
+map as ``in_proj.weight = in_proj_weight`` (or ``q_proj.weight = q_proj_weight``, ... when ``kdim``/``vdim``
+differ), the biases likewise from ``in_proj_bias``, and ``out_proj`` as is. :meth:`projection_weights` gives the
+four projections one by one whatever is stored, and a state dict with separate ``q_proj``/``k_proj``/``v_proj``
+entries (qkv before the fused parameter, Hugging Face name maps) loads into a fused module: the entries are
+stacked on load.
 
 Mask polarity: a boolean ``mask`` here means ``True`` = **may attend** (as in
 ``F.scaled_dot_product_attention``), the **opposite** of ``nn.MultiheadAttention``, whose boolean
@@ -16,7 +24,11 @@ Fully masked rows give zeros, not NaN.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qkv.checks import int_at_least, probability
@@ -72,13 +84,14 @@ class MultiHeadAttention(nn.Module):
             cache (0 without one), so that cached keys keep their positions. For self-attention.
 
     Attributes:
-        q_proj: ``nn.Linear(E, E)``.
-        k_proj: ``nn.Linear(kdim, Hkv * head_dim)``.
-        v_proj: ``nn.Linear(vdim, Hkv * head_dim)``.
+        in_proj: ``nn.Linear(E, E + 2 * Hkv * head_dim)``, rows ``[q; k; v]`` (when ``kdim == vdim == E``).
+        q_proj: ``nn.Linear(E, E)`` (only when ``kdim`` or ``vdim`` differ from ``E``).
+        k_proj: ``nn.Linear(kdim, Hkv * head_dim)`` (idem).
+        v_proj: ``nn.Linear(vdim, Hkv * head_dim)`` (idem).
         out_proj: ``nn.Linear(E, E)``.
 
     Parameters are initialized as ``nn.MultiheadAttention`` initializes separate projection weights:
-    Xavier-uniform q/k/v weights (each its own fan), zero q/k/v and output biases.
+    Xavier-uniform q/k/v weights (each its own fan, also inside ``in_proj``), zero q/k/v and output biases.
     """
 
     def __init__(
@@ -121,10 +134,14 @@ class MultiHeadAttention(nn.Module):
         self.vdim = vdim
         self.dropout = dropout
 
-        kv_width = kv_heads * self.head_dim
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.k_proj = nn.Linear(kdim, kv_width, bias=bias)
-        self.v_proj = nn.Linear(vdim, kv_width, bias=bias)
+        self.kv_width = kv_heads * self.head_dim
+        self.fused = kdim == embed_dim and vdim == embed_dim
+        if self.fused:
+            self.in_proj = nn.Linear(embed_dim, embed_dim + 2 * self.kv_width, bias=bias)
+        else:
+            self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+            self.k_proj = nn.Linear(kdim, self.kv_width, bias=bias)
+            self.v_proj = nn.Linear(vdim, self.kv_width, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.rotary = rotary
         self.reset_parameters()
@@ -132,23 +149,57 @@ class MultiHeadAttention(nn.Module):
     def reset_parameters(self) -> None:
         """Xavier-uniform q/k/v weights, ``nn.Linear``'s init for ``out_proj.weight``, zero biases."""
         self.out_proj.reset_parameters()
-        for proj in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.xavier_uniform_(proj.weight)
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
+        projections = self.projection_weights()
+        with torch.no_grad():
+            for name in ("q", "k", "v"):
+                nn.init.xavier_uniform_(projections[name][0])
+            for _, bias in projections.values():
+                if bias is not None:
+                    nn.init.zeros_(bias)
+
+    def _widths(self) -> tuple[int, int, int]:
+        """The rows of ``in_proj`` that project queries, keys and values: ``(E, Hkv·head_dim, Hkv·head_dim)``."""
+        return (self.embed_dim, self.kv_width, self.kv_width)
 
     def projection_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """The four projections as ``{"q", "k", "v", "out"}`` → ``(weight, bias)`` (``bias`` None without biases).
 
         Shapes: q ``(E, E)``, k ``(Hkv·head_dim, kdim)``, v ``(Hkv·head_dim, vdim)``, out ``(E, E)``; the
-        weights are ``nn.Linear``'s ``(out_features, in_features)``. For exporters and loaders that need
-        the projections one by one, whatever the module stores.
+        weights are ``nn.Linear``'s ``(out_features, in_features)``. With a fused ``in_proj`` they are views
+        of its rows (writing into them writes the parameter; their gradients flow into it). For exporters and
+        loaders that need the projections one by one, whatever the module stores.
         """
-        return {
-            name: (proj.weight, proj.bias)
-            for name, proj in (("q", self.q_proj), ("k", self.k_proj), ("v", self.v_proj), ("out", self.out_proj))
-        }
+        out = (self.out_proj.weight, self.out_proj.bias)
+        if not self.fused:
+            return {
+                "q": (self.q_proj.weight, self.q_proj.bias),
+                "k": (self.k_proj.weight, self.k_proj.bias),
+                "v": (self.v_proj.weight, self.v_proj.bias),
+                "out": out,
+            }
+        weights = self.in_proj.weight.split(self._widths())
+        biases = (None,) * 3 if self.in_proj.bias is None else self.in_proj.bias.split(self._widths())
+        return {**{n: (w, b) for n, w, b in zip("qkv", weights, biases, strict=True)}, "out": out}
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Stack separate ``q_proj``/``k_proj``/``v_proj`` entries into ``in_proj`` (older qkv checkpoints and
+        name maps from other libraries) before the usual loading."""
+        if self.fused:
+            for fused, separate in _projection_groups(prefix).items():
+                if fused not in state_dict and all(n in state_dict for n in separate):
+                    state_dict[fused] = torch.cat([state_dict.pop(n) for n in separate])
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -199,7 +250,7 @@ class MultiHeadAttention(nn.Module):
             or ``None`` without ``need_weights``.
         """
         query = _check_rank3("query", query, "(B, L, E)", "E", self.embed_dim)
-        check_input_dtype("query", query, self.q_proj.weight)
+        check_input_dtype("query", query, self.out_proj.weight)
         if average_weights and not need_weights:
             raise ValueError("average_weights=True needs need_weights=True; got need_weights=False")
         if cache is not None and not isinstance(cache, KVCache):
@@ -224,16 +275,15 @@ class MultiHeadAttention(nn.Module):
                     f"key has shape {tuple(key.shape)} but the static cache holds B={k.shape[0]}, "
                     f"S={k.shape[2]}; pass key=None to reuse the cache, or a new KVCache for a new source"
                 )
+            q = self._project_query(query)
         else:
             key, value = self._check_key_value(query, key, value, cache)
-            k = self._split(self.k_proj(key), self.kv_heads)
-            v = self._split(self.v_proj(value), self.kv_heads)
+            q, k, v = self._project(query, key, value)
             if self.rotary is not None:
                 k = self.rotary(k, offset)
             if cache is not None:
                 k, v = cache.update(k, v)
 
-        q = self._split(self.q_proj(query), self.num_heads)
         if self.rotary is not None:
             q = self.rotary(q, offset)
         result = attention(
@@ -277,10 +327,10 @@ class MultiHeadAttention(nn.Module):
                 )
             return query, query
         key = _check_rank3("key", key, "(B, S, kdim)", "kdim", self.kdim)
-        check_input_dtype("key", key, self.k_proj.weight)
+        check_input_dtype("key", key, self.out_proj.weight)
         value = key if value is None else value
         value = _check_rank3("value", value, "(B, S, vdim)", "vdim", self.vdim)
-        check_input_dtype("value", value, self.v_proj.weight)
+        check_input_dtype("value", value, self.out_proj.weight)
         if key.shape[0] != query.shape[0]:
             raise ValueError(
                 f"key has batch size {key.shape[0]} (shape {tuple(key.shape)}) but query has "
@@ -292,6 +342,121 @@ class MultiHeadAttention(nn.Module):
             )
         return key, value
 
+    def _project_query(self, query: torch.Tensor) -> torch.Tensor:
+        """``query (B, L, E)`` → ``q (B, H, L, head_dim)``."""
+        if not self.fused:
+            return self._split(self.q_proj(query), self.num_heads)
+        w, b, e = self.in_proj.weight, self.in_proj.bias, self.embed_dim
+        return self._split(F.linear(query, w[:e], None if b is None else b[:e]), self.num_heads)
+
+    def _project(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q (B, H, L, head_dim)``, ``k, v (B, Hkv, S, head_dim)``: one matrix product for self-attention
+        (``query is key is value``), one for the keys and values when they are one tensor."""
+        if not self.fused:
+            q = self._split(self.q_proj(query), self.num_heads)
+            return q, self._split(self.k_proj(key), self.kv_heads), self._split(self.v_proj(value), self.kv_heads)
+        if query is key and key is value:
+            q, k, v = self.in_proj(query).split(self._widths(), dim=-1)
+        else:
+            w, b = self.in_proj.weight, self.in_proj.bias
+            e = self.embed_dim
+            q = F.linear(query, w[:e], None if b is None else b[:e])
+            if key is value:
+                k, v = F.linear(key, w[e:], None if b is None else b[e:]).split(self.kv_width, dim=-1)
+            else:
+                kv_w, kv_b = w[e:].split(self.kv_width), (None, None) if b is None else b[e:].split(self.kv_width)
+                k, v = F.linear(key, kv_w[0], kv_b[0]), F.linear(value, kv_w[1], kv_b[1])
+        return self._split(q, self.num_heads), self._split(k, self.kv_heads), self._split(v, self.kv_heads)
+
     def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         """``(B, T, heads * head_dim)`` → ``(B, heads, T, head_dim)``."""
         return x.reshape(x.shape[0], x.shape[1], heads, self.head_dim).transpose(1, 2)
+
+
+def linear_layers(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """``(name, weight, bias)`` of every ``nn.Linear`` in ``model``, in module order, with the fused ``in_proj`` of
+    a :class:`MultiHeadAttention` given as its three projections (``<name>.q``, ``.k``, ``.v``: views of its
+    rows), so that an initializer that depends on the fan of each weight (Xavier) treats them as separate."""
+    layers: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, MultiHeadAttention) and module.fused:
+            projections = module.projection_weights()
+            layers += [(f"{name}.{p}", *projections[p]) for p in "qkv"]
+        elif isinstance(module, nn.Linear) and not name.endswith("in_proj"):
+            layers.append((name, module.weight, module.bias))
+    return layers
+
+
+def _projection_groups(prefix: str) -> dict[str, list[str]]:
+    """``{prefix + "in_proj.weight": [q, k, v weight keys], ... bias}`` for one fused module."""
+    return {f"{prefix}in_proj.{kind}": [f"{prefix}{p}_proj.{kind}" for p in "qkv"] for kind in ("weight", "bias")}
+
+
+def separate_projection_keys(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]:
+    """Where ``names`` (the keys of a state dict) hold the separate q/k/v projections of a fused
+    :class:`MultiHeadAttention` of ``model``: ``{fused key: [its q, k, v keys]}``.
+
+    The keys of a state dict written before ``in_proj`` existed (older qkv checkpoints) or renamed from
+    another library's names; a loader that compares keys before loading stacks each group (``torch.cat`` of
+    the tensors, the sum of the first dimensions of the shapes) into the fused key. Only groups whose three
+    keys are all present and whose fused key is absent are returned.
+    """
+    present = set(names)
+    groups: dict[str, list[str]] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, MultiHeadAttention) and module.fused:
+            prefix = f"{module_name}." if module_name else ""
+            for fused, separate in _projection_groups(prefix).items():
+                if fused not in present and all(n in present for n in separate):
+                    groups[fused] = separate
+    return groups
+
+
+def stack_separate_projections(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the separate q/k/v projections of ``model``'s fused attention modules stacked into their
+    ``in_proj`` entries (see :func:`separate_projection_keys`); other entries unchanged, in their order."""
+    groups = separate_projection_keys(model, state)
+    if not groups:
+        return dict(state)
+    replaced = {old: fused for fused, olds in groups.items() for old in olds}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        fused = replaced.get(key)
+        if fused is None:
+            out[key] = value
+        elif fused not in out:
+            parts = [state[n] for n in groups[fused]]
+            if len({tuple(p.shape[1:]) for p in parts}) != 1:
+                shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip(groups[fused], parts, strict=True))
+                raise ValueError(f"the q/k/v projections for {fused} do not stack: {shapes}")
+            out[fused] = torch.cat(parts)
+    return out
+
+
+def unstack_projections(state: Mapping[str, torch.Tensor], *, kv_width: int | None = None) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`stack_separate_projections`: ``state`` with every ``<prefix>in_proj.weight`` /
+    ``.bias`` split into ``<prefix>q_proj``, ``k_proj`` and ``v_proj`` entries, in their place, for exporters to
+    libraries that keep them apart (BERT, ViT). ``kv_width`` is the rows of the keys (and values), ``Hkv ·
+    head_dim``; by default a third of the rows (no grouped-query heads).
+
+    Raises:
+        ValueError: an ``in_proj`` whose rows do not split as ``(E, kv_width, kv_width)``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        prefix, _, kind = key.rpartition("in_proj.")
+        if not _ or kind not in ("weight", "bias") or (prefix and not prefix.endswith(".")):
+            out[key] = tensor
+            continue
+        rows = tensor.shape[0]
+        kv = rows // 3 if kv_width is None else kv_width
+        if (kv_width is None and rows % 3) or rows - 2 * kv <= 0:
+            raise ValueError(
+                f"{key} has {rows} rows, which do not split into q, k, v rows (E, {kv}, {kv}); "
+                "pass kv_width (Hkv * head_dim) for grouped-query heads"
+            )
+        for name, part in zip("qkv", tensor.split([rows - 2 * kv, kv, kv]), strict=True):
+            out[f"{prefix}{name}_proj.{kind}"] = part
+    return out

@@ -51,6 +51,7 @@ from torch import nn
 
 from qkv.train import checkpoint_io as ckpt
 from qkv.train.budget import Budget, format_duration
+from qkv.train.checkpoint_upgrade import upgrade_checkpoint
 from qkv.train.config import DEFAULT_TASK, Config, ConfigError
 from qkv.train.ddp import (
     DistContext,
@@ -189,7 +190,7 @@ class Trainer:
                 )
             self.log.line(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
             return
-        path, saved = found.path, found.checkpoint
+        path, saved = found.path, upgrade_checkpoint(self.model, found.checkpoint)
         for bad, reason in found.skipped:
             self.log.line(
                 f"warning: --resume skipped {bad}, which cannot be read ({reason}); continuing from the older "
