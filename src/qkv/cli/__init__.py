@@ -7,9 +7,23 @@ import os
 import sys
 from collections.abc import Sequence
 
-from qkv.cli import bench, compare, data, demo, evaluate, explain, generate, predict, show, train, translate
+from qkv.cli import (
+    bench,
+    compare,
+    data,
+    demo,
+    evaluate,
+    explain,
+    export,
+    generate,
+    predict,
+    serve,
+    show,
+    train,
+    translate,
+)
 
-SUBCOMMANDS = (explain, compare, demo, bench, data, train, translate, generate, predict, evaluate, show)
+SUBCOMMANDS = (explain, compare, demo, bench, data, train, translate, export, serve, generate, predict, evaluate, show)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,13 +24,17 @@ from typing import TYPE_CHECKING, TextIO
 from qkv.cli.paths import check_output_file
 
 if TYPE_CHECKING:
+    from qkv.deploy.ctranslate2_engine import CTranslate2Translator
     from qkv.train.translate import Translation, Translator
+
+ENGINES = ("qkv", "ctranslate2")
 
 EPILOG = """\
 examples:
   echo "three hundred and twenty-one" | qkv translate --model runs/demo
   qkv translate --model runs/demo --input test.src --output test.hyp --beam 5
   qkv translate --model runs/demo --input - --attention alignment.png < sentences.txt
+  qkv translate --model runs/demo-ct2 --engine ctranslate2 < sentences.txt   (an export of qkv export)
 """
 
 
@@ -46,6 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", default="-", metavar="FILE", help="sentences, one a line; - reads stdin (default)")
     p.add_argument("--output", type=Path, metavar="FILE", help="write the translations here instead of stdout")
     p.add_argument("--beam", type=int, default=5, metavar="N", help="beam size; 1 is greedy search (default 5)")
+    p.add_argument(
+        "--engine",
+        default="qkv",
+        choices=ENGINES,
+        help="qkv (default): a qkv train model directory; ctranslate2: a directory of qkv export --format ctranslate2",
+    )
     add_decoding_options(p)
     p.add_argument(
         "--attention",
@@ -126,8 +136,23 @@ def check_outputs(args: argparse.Namespace) -> None:
         check_output_file(args.attention, "--attention")
 
 
+def load_translator(args: argparse.Namespace) -> Translator | CTranslate2Translator:
+    """The translator of ``--model`` for ``--engine``, after checking ``--max-output-length`` against it."""
+    if args.engine == "ctranslate2":
+        from qkv.deploy.ctranslate2_engine import CTranslate2Translator
+
+        engine = CTranslate2Translator.load(args.model, device=args.device)
+        engine.output_length_cap(args.max_output_length, flags=True)
+        return engine
+    from qkv.train.translate import Translator, output_length_cap
+
+    translator = Translator.load(args.model, device=args.device)
+    output_length_cap(translator.model, args.max_output_length, flags=True)
+    return translator
+
+
 def write_translations(
-    translator: Translator, sentences: list[str], out: TextIO, args: argparse.Namespace
+    translator: Translator | CTranslate2Translator, sentences: list[str], out: TextIO, args: argparse.Namespace
 ) -> tuple[int, Translation] | None:
     """Translate ``sentences`` a chunk at a time, writing each chunk's lines to ``out`` as it finishes.
 
@@ -161,7 +186,7 @@ def write_translations(
 
 def run(args: argparse.Namespace) -> int:
     from qkv.data.parallel import DataError
-    from qkv.train.translate import Translator, check_decoding_options, output_length_cap
+    from qkv.train.translate import check_decoding_options
 
     try:
         check_decoding_options(
@@ -172,14 +197,13 @@ def run(args: argparse.Namespace) -> int:
             flags=True,
         )
         check_outputs(args)
-        translator = Translator.load(args.model, device=args.device)  # before stdin: a bad --model fails at once
-        output_length_cap(translator.model, args.max_output_length, flags=True)
+        translator = load_translator(args)  # before stdin: a bad --model fails at once
         sentences = read_input(args.input)
         with output_stream(args.output) as out:
             first = write_translations(translator, sentences, out, args)
     except BrokenPipeError:
         raise  # the reader has gone: qkv.cli.main ends quietly
-    except (OSError, ValueError, DataError) as e:
+    except (ImportError, OSError, ValueError, DataError) as e:  # ImportError: --engine ctranslate2 without it
         return _fail(str(e))
     if args.attention is not None:
         if first is None:
