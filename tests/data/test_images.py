@@ -185,6 +185,33 @@ def test_augment_crops_with_padding_and_flips() -> None:
     assert len(shifts) > 4
 
 
+def centre_of_mass(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 2)`` (x, y) ink-weighted centres of ``images (B, 1, H, W)``, in pixels."""
+    h, w = images.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=images.dtype), torch.arange(w, dtype=images.dtype), indexing="ij")
+    mass = images.sum(dim=(1, 2, 3))
+    return torch.stack([(images[:, 0] * xs).sum((1, 2)) / mass, (images[:, 0] * ys).sum((1, 2)) / mass], dim=1)
+
+
+def test_augment_warps_by_small_rotations_scales_and_shifts() -> None:
+    image = torch.zeros(200, 1, 16, 16, dtype=torch.float64)
+    image[:, :, 5:11, 7:9] = 1.0  # a vertical bar, well inside the border
+    rng = np.random.default_rng
+    assert Augment(rotation=0.0, scale=0.0, translate=0.0)(image, rng(0)) is image
+    shifted = Augment(translate=1.5)(image, rng(0))
+    moved = centre_of_mass(shifted) - centre_of_mass(image)
+    assert moved.abs().max() <= 1.5 + 1e-9 and moved.abs().max() > 1.0  # sub-pixel shifts up to the bound
+    assert torch.allclose(shifted.sum(dim=(1, 2, 3)), image.sum(dim=(1, 2, 3)))  # a shift inside keeps the ink
+    assert torch.equal(Augment(translate=1.5)(image, rng(0)), shifted)  # the draws come from the generator
+    # A rotation turns the bar: its horizontal spread grows with the angle, never past what 30 degrees give.
+    spread = [Augment(rotation=a)(image[:1].expand(50, -1, -1, -1), rng(1)) for a in (5.0, 30.0)]
+    width = [(s.sum(dim=2) > 0.05).sum(dim=-1).double().mean() for s in spread]
+    assert 2 <= width[0] < width[1]
+    zoomed = Augment(scale=0.3)(image, rng(2))
+    ink = zoomed.sum(dim=(1, 2, 3)) / image.sum(dim=(1, 2, 3))  # area scales with zoom**2: in [0.49, 1.69]
+    assert ink.min() >= 0.49 - 0.05 and ink.max() <= 1.69 + 0.05 and ink.max() - ink.min() > 0.5
+
+
 def small_set(n: int = 10) -> ImageSet:
     return ImageSet(torch.rand(n, 1, 4, 4), torch.arange(n) % 2, ["a", "b"])
 

@@ -56,6 +56,8 @@ def prepared(out: Path, **sections: dict[str, Any]) -> ImageClassificationTask:
         ("data", {"valid_fraction": 0}, "data.valid_fraction must be > 0"),
         ("data", {"valid_fraction": 0.5, "test_fraction": 0.5}, r"valid_fraction \+ data.test_fraction must be < 1"),
         ("data", {"crop_padding": -1}, "data.crop_padding must be an int >= 0; got -1"),
+        ("data", {"rotation": 90}, r"data.rotation must be a number in \[0, 45\]; got 90"),
+        ("data", {"translate": -1.0}, r"data.translate must be a number in \[0, 8\]; got -1.0"),
         ("data", {"flip": "yes"}, "data.flip must be true or false; got 'yes'"),
         ("model", {"num_heads": 3}, "model.d_model=16 must be a multiple of num_heads=3"),
         ("model", {"pooling": "max"}, "model.pooling must be one of 'cls', 'mean'; got 'max'"),
@@ -170,7 +172,7 @@ def test_an_image_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupt
     def run(out: Path, steps: int, *, resume: bool = False) -> None:
         config = vit_config(
             out,
-            data={"crop_padding": 1, "flip": True},  # augmentation draws must resume too
+            data={"crop_padding": 1, "flip": True, "rotation": 5.0},  # augmentation draws must resume too
             model={"dropout": 0.1},  # and dropout's
             training={"max_steps": steps, "lr": 3e-3, "warmup_steps": 2, "batch_size": 500},  # epochs of 3 batches
         )

@@ -284,20 +284,32 @@ class Normalization:
 @dataclass
 class Augment:
     """Light training augmentation: a random crop of the image padded by ``crop_padding`` pixels of 0 (black:
-    the digits' background) on every side, and a horizontal flip with probability 1/2 when ``flip``.
-    Off by default (``Augment()`` changes nothing); never flip digits, a flipped 2 is no 2."""
+    the digits' background) on every side, a horizontal flip with probability 1/2 when ``flip``, and a small
+    random affine warp (the usual augmentation for handwriting): a rotation by up to ``rotation`` degrees, a
+    scaling by up to ``scale`` (a fraction) and a shift by up to ``translate`` pixels (sub-pixel, bilinear;
+    what moves in from outside is black). Off by default (``Augment()`` changes nothing); never flip digits,
+    a flipped 2 is no 2."""
 
     crop_padding: int = 0
     flip: bool = False
+    rotation: float = 0.0
+    scale: float = 0.0
+    translate: float = 0.0
 
     @property
     def active(self) -> bool:
-        return self.crop_padding > 0 or self.flip
+        return self.crop_padding > 0 or self.flip or self._warps
+
+    @property
+    def _warps(self) -> bool:
+        return self.rotation > 0 or self.scale > 0 or self.translate > 0
 
     def __call__(self, images: torch.Tensor, generator: np.random.Generator) -> torch.Tensor:
         """``images (B, C, H, W)`` (pixel values, before normalization) augmented with draws from ``generator``."""
         if not self.active:
             return images
+        if self._warps:
+            images = self._warp(images, generator)
         b, _, h, w = images.shape
         p = self.crop_padding
         if p:
@@ -309,6 +321,17 @@ class Augment:
             flip = torch.from_numpy(generator.random(b) < 0.5)
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         return images
+
+    def _warp(self, images: torch.Tensor, generator: np.random.Generator) -> torch.Tensor:
+        """Each image of ``(B, C, H, W)`` rotated, scaled and shifted by its own uniform draws."""
+        b, _, h, w = images.shape
+        angle = np.deg2rad(generator.uniform(-self.rotation, self.rotation, size=b))
+        zoom = 1.0 + generator.uniform(-self.scale, self.scale, size=b)
+        shift = generator.uniform(-self.translate, self.translate, size=(b, 2)) * 2 / np.array([w, h])
+        cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom  # the grid samples the output's source pixels
+        theta = np.stack([np.stack([cos, -sin, shift[:, 0]], 1), np.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(torch.from_numpy(theta).to(images.dtype), list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 class ImageBatch(NamedTuple):

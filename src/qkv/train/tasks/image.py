@@ -100,6 +100,9 @@ class ImageDataConfig(StrictConfig):
     split_seed: int = option(0, int_at_least, 0)
     crop_padding: int = option(0, int_at_least, 0)
     flip: bool = option(False, boolean)
+    rotation: float = option(0.0, number_between, 0.0, 45.0)
+    scale: float = option(0.0, number_between, 0.0, 0.5)
+    translate: float = option(0.0, number_between, 0.0, 8.0)
 
     def check(self, prefix: str) -> None:
         if (self.dataset is None) == (self.images is None):
@@ -327,12 +330,15 @@ class ImageClassificationTask(Task):
         return VisionTransformer(config)
 
     def train_batches(self) -> ImageBatches:
+        d = self.data
         return ImageBatches(
             self.train_set,
             self.normalization,
             batch_size=self.options.batch_size,
             seed=self.config.training.seed,
-            augment=Augment(crop_padding=self.data.crop_padding, flip=self.data.flip),
+            augment=Augment(
+                crop_padding=d.crop_padding, flip=d.flip, rotation=d.rotation, scale=d.scale, translate=d.translate
+            ),
         )
 
     def batch_tokens(self, batch: ImageBatch) -> int:
