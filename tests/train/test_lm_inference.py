@@ -11,7 +11,7 @@ import torch
 from qkv.data import ByteTokenizer, CharTokenizer
 from qkv.models import LMConfig, TransformerConfig, TransformerLM, TransformerSeq2Seq
 from qkv.models.checkpoint import save_model
-from qkv.train.lm_inference import LanguageModel
+from qkv.train.lm_inference import LanguageModel, special_ids
 from qkv.train.model_dir import ModelDirectoryError
 
 TEXT = "the cat sat on the mat. the dog sat on the log.\n" * 3
@@ -66,10 +66,13 @@ def test_generation_is_reproducible_streams_and_uses_the_cache(tmp_path: Path) -
     assert "".join(lm.generate("the ", 12, seed=4)) != "".join(pieces)
     # what is streamed is what generate() samples through the KV cache, and what an uncached loop gives
     prompt = torch.tensor([lm.tokenizer.encode("the ")])
-    cached = lm.model.generate(prompt, 12, temperature=0)
+    special = list(special_ids(lm.tokenizer))  # never sampled: pad, bos, eos, unk
+    cached = lm.model.generate(prompt, 12, temperature=0, suppress_ids=special)
     uncached = prompt
     for _ in range(12):
-        uncached = torch.cat([uncached, lm.model(uncached)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        logits = lm.model(uncached)[:, -1]
+        logits[:, special] = -torch.inf
+        uncached = torch.cat([uncached, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(cached, uncached)
     assert "".join(lm.generate("the ", 12, temperature=0)) == lm.tokenizer.decode(cached[0, 4:].tolist())
 

@@ -123,6 +123,26 @@ def is_integer_tensor(x: object) -> TypeGuard[torch.Tensor]:
     return isinstance(x, torch.Tensor) and not (x.dtype.is_floating_point or x.is_complex() or x.dtype == torch.bool)
 
 
+def check_values_between(name: str, values: torch.Tensor, low: int, high: int, expected: str) -> None:
+    """Raise ``ValueError`` unless every value of the integer tensor ``values`` lies in ``[low, high]``.
+
+    Reading values on the host synchronizes with an accelerator, which a check run at every decoding step
+    must not do. So the values are read only on CPU, where the error names the smallest and largest one:
+    ``"{name} must lie in {expected}; got values from {lo} to {hi}"``. On CUDA the check is queued on the
+    device (``torch._assert_async``): a bad value stops the program with a device-side assertion at a later
+    synchronization. On ``meta`` the same call is shape-only; other devices are not checked.
+    """
+    if not values.numel():
+        return
+    device = values.device.type
+    if device == "cpu":
+        lo, hi = int(values.min()), int(values.max())
+        if lo < low or hi > high:
+            raise ValueError(f"{name} must lie in {expected}; got values from {lo} to {hi}")
+    elif device in ("cuda", "meta"):
+        torch._assert_async(((values >= low) & (values <= high)).all(), f"{name} must lie in {expected}")
+
+
 def _shape(t: torch.Tensor | Sequence[int]) -> str:
     return "(" + ", ".join(str(s) for s in t) + ")" if len(t) != 1 else f"({t[0]},)"
 
@@ -204,10 +224,7 @@ def _check_key_lengths(
         )
     if key_lengths.device != device:
         raise ValueError(f"key_lengths is on {key_lengths.device} but q is on {device}; they must match")
-    if key_lengths.numel():
-        lo, hi = int(key_lengths.min()), int(key_lengths.max())
-        if lo < 0 or hi > kv_len:
-            raise ValueError(f"key_lengths must lie in [0, S={kv_len}]; got values from {lo} to {hi}")
+    check_values_between("key_lengths", key_lengths, 0, kv_len, f"[0, S={kv_len}]")
     return key_lengths
 
 
