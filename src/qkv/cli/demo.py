@@ -12,6 +12,10 @@
 on 2 CPU cores) on the English documentation that ships with Python; it prints samples of the untrained
 model, trains, then prints samples and the held-out bits per character of the trained one.
 
+``qkv demo t2i``: a small text-to-image DiT (the built-in ``t2i_demo`` config, at most 10 minutes on 2 CPU
+cores) on the built-in captioned scenes; it reports how many generated test images the scene checker judges
+faithful, then writes a grid of prompts, images and per-word cross-attention maps (:mod:`qkv.cli.text_to_image`).
+
 ``--resume`` continues an interrupted demo; ``--set`` overrides the config (e.g. ``training.max_steps=200``
 for a quick look).
 """
@@ -40,6 +44,10 @@ def _read_lines(path: Path) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """The demo ``args.which`` names; returns the exit status."""
+    if args.which == "t2i":
+        from qkv.cli.text_to_image import run_demo
+
+        return run_demo(args)
     return run_lm(args) if args.which == "lm" else run_translation(args)
 
 
@@ -178,11 +186,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "which",
         nargs="?",
-        choices=("translation", "lm"),
+        choices=("translation", "lm", "t2i"),
         default="translation",
-        help="translation (default): dates into German; lm: a character-level GPT on Python's documentation",
+        help="translation (default): dates into German; lm: a character-level GPT on Python's documentation; t2i: "
+        "text to image on captioned scenes",
     )
-    p.add_argument("--out", metavar="DIR", help="model directory (default runs/demo, or runs/demo-lm for the lm demo)")
+    p.add_argument(
+        "--out", metavar="DIR", help="model directory (default runs/demo, runs/demo-lm or runs/demo-t2i for the others)"
+    )
     p.add_argument(
         "--set",
         dest="overrides",

@@ -8,6 +8,11 @@ prompts gives a continuation each::
     qkv generate --model runs/lm --prompt "The if statement" --max-new-tokens 300 --seed 1
     printf 'def\\nclass\\n' | qkv generate --model runs/lm --temperature 0.6 --top-k 40
 
+With a text-to-image model directory (``task: text_to_image``), ``--prompt`` describes an image and ``--out``
+names the PNG to write (:mod:`qkv.cli.text_to_image`)::
+
+    qkv generate --model runs/demo-t2i --prompt "a green triangle above a red circle" --out img.png --num 4
+
 ``--seed`` makes the output reproducible. A bad option, a model directory that is not a language model, or
 a prompt that does not fit a model with learned positions is one line ``qkv generate: error: ...`` and
 exit status 2.
@@ -21,6 +26,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qkv.cli import text_to_image
+
 if TYPE_CHECKING:
     from qkv.train.lm_inference import LanguageModel
 
@@ -28,7 +35,7 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
-        help="continue text with a trained language model (task: lm), streaming",
+        help="continue text with a trained language model (task: lm), or draw a prompt (task: text_to_image)",
         description="Sample a continuation of --prompt (or of each line of stdin) from a language model "
         "directory written by qkv train, printing tokens as they are sampled.",
     )
@@ -42,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: the most probable tokens up to P")
     p.add_argument("--seed", type=int, metavar="S", help="random seed, for reproducible output")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--out", type=Path, metavar="FILE", help="text to image: the PNG to write")
+    p.add_argument("--num", type=int, metavar="K", help="text to image: images to draw, side by side (default 1)")
+    text_to_image.add_sampling_options(p, seed=False)
     p.set_defaults(run=run)
 
 
@@ -61,7 +71,12 @@ def run(args: argparse.Namespace) -> int:
     from qkv.models.lm import check_sampling
     from qkv.train.lm_inference import LanguageModel
 
+    if text_to_image.is_text_to_image(args.model):
+        return text_to_image.run_generate(args)
     try:
+        given = [f"--{name}" for name in ("out", "num", "steps", "guidance") if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: for a text-to-image model; {args.model} is not one")
         check_sampling(args.temperature, args.top_k, args.top_p)
         if args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens must be an int >= 0; got {args.max_new_tokens}")

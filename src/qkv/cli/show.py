@@ -22,6 +22,10 @@
   (:mod:`qkv.viz.image_attention`); ``--html``, ``--json``, ``--top`` and the summary treat the patches as
   tokens.
 
+- a text-to-image model (``text_to_image``): ``--prompt TEXT`` instead of TEXT; the image the model draws for it
+  and, per word, its cross-attention (mean over heads, layers and sampling steps) overlaid on it
+  (:mod:`qkv.cli.text_to_image`, :mod:`qkv.viz.word_maps`): ``--png``, ``--html`` (hover a word), ``--json``.
+
 Layers and heads count from 0; ``--layer`` / ``--head`` pick what the heatmap, the summary and ``--top`` look
 at, ``--kind`` which attention (default: ``cross`` for ``--png`` and ``--top``, every kind for the summary).
 
@@ -55,6 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qkv.cli import text_to_image
 from qkv.cli.paths import check_output_file
 from qkv.data.tokenizer import Tokenizer
 from qkv.models.checkpoint import CONFIG_NAME, stored_model_type
@@ -89,6 +94,7 @@ examples:
   qkv show --model runs/demo "ein Haus" --kind cross --png alignment.png
   qkv show --model runs/demo "ein Haus" --target "a house" --kind decoder --layer 0
   qkv show --model runs/vit-digits three.png --png three-attention.png --html three.html
+  qkv show --model runs/demo-t2i --prompt "a red circle left of a blue square" --png maps.png --html maps.html
 """
 
 
@@ -149,8 +155,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "text", metavar="TEXT", help="the text to encode (a translation model's source; an image classifier's IMAGE)"
+        "text",
+        metavar="TEXT",
+        nargs="?",
+        help="the text to encode (a translation model's source; an image classifier's IMAGE)",
     )
+    p.add_argument("--prompt", metavar="TEXT", help="a text-to-image model: the prompt to draw and show word maps of")
+    text_to_image.add_sampling_options(p, seed=True)
     p.add_argument(
         "--model",
         default="minilm",
@@ -190,7 +201,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Render the attention as asked; a bad argument prints one error line and returns 2."""
+    if args.prompt is not None or text_to_image.is_text_to_image(args.model):
+        return text_to_image.run_show(args)
     try:
+        if args.text is None:
+            raise ValueError("TEXT is required (or --prompt PROMPT for a text-to-image model)")
         if args.head is not None and args.layer is None:
             raise ValueError("--head needs --layer: a head is numbered within its layer")
         if not args.text.strip():

@@ -7,6 +7,7 @@ from qkv.models.hypothesis import Hypothesis, gnmt_length_penalty
 from qkv.models.lm import LMState, TransformerLM, sample_next
 from qkv.models.rnn import RNNConfig, RNNDecoderState, RNNSeq2Seq
 from qkv.models.search import beam_search, greedy_search
+from qkv.models.text_to_image import Generation, TextToImageConfig, TextToImageModel
 from qkv.models.transformer import TransformerDecoderState, TransformerSeq2Seq
 from qkv.models.vit import VisionTransformer, ViTConfig, ViTOutput
 from qkv.models.vit_hf import load_hf_vit
@@ -14,12 +15,15 @@ from qkv.models.vit_hf import load_hf_vit
 __all__ = [
     "EncoderConfig",
     "EncoderModelOutput",
+    "Generation",
     "Hypothesis",
     "LMConfig",
     "LMState",
     "RNNConfig",
     "RNNDecoderState",
     "RNNSeq2Seq",
+    "TextToImageConfig",
+    "TextToImageModel",
     "TransformerConfig",
     "TransformerDecoderState",
     "TransformerEncoder",

@@ -39,6 +39,7 @@ from qkv.models.config import EncoderConfig, LMConfig, TransformerConfig
 from qkv.models.encoder import TransformerEncoder
 from qkv.models.lm import TransformerLM
 from qkv.models.rnn import RNNConfig, RNNSeq2Seq
+from qkv.models.text_to_image import TextToImageConfig, TextToImageModel
 from qkv.models.transformer import TransformerSeq2Seq
 from qkv.models.vit import VisionTransformer, ViTConfig
 from qkv.nn.multi_head import separate_projection_keys, stack_separate_projections
@@ -57,6 +58,7 @@ MODEL_TYPES: dict[str, tuple[type[nn.Module], Any]] = {
     TransformerEncoder.model_type: (TransformerEncoder, EncoderConfig),
     RNNSeq2Seq.model_type: (RNNSeq2Seq, RNNConfig),
     VisionTransformer.model_type: (VisionTransformer, ViTConfig),
+    TextToImageModel.model_type: (TextToImageModel, TextToImageConfig),
 }
 
 

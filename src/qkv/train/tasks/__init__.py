@@ -20,6 +20,7 @@ TASKS: dict[str, str] = {
     "translation": "qkv.train.tasks.translation:TranslationTask",
     "lm": "qkv.train.tasks.lm:LanguageModelingTask",
     "image_classification": "qkv.train.tasks.image:ImageClassificationTask",
+    "text_to_image": "qkv.train.tasks.text_to_image:TextToImageTask",
 }
 
 
