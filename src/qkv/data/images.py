@@ -25,7 +25,7 @@ when used.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from qkv.data.parallel import DataError
+from qkv.data.shuffled_batches import ShuffledBatches
 
 DIGITS = "digits"
 DATASETS = (DIGITS,)
@@ -344,12 +345,10 @@ class ImageBatch(NamedTuple):
         return ImageBatch(self.images.to(device), self.labels.to(device))
 
 
-class ImageBatches:
-    """Endless training batches of ``images``: each epoch a fresh shuffle, ``ceil(N / batch_size)`` batches.
-
-    Batch ``k`` is batch ``k % per_epoch`` of epoch ``k // per_epoch``, whose order is a permutation drawn with
-    a generator seeded by ``(seed, epoch)``, augmented with one seeded by ``(seed, k)``: it depends only on
-    ``k``, so :meth:`state_dict` is just ``k`` and a resumed run sees the batches an uninterrupted one would.
+class ImageBatches(ShuffledBatches[ImageBatch]):
+    """Endless training batches of ``images``: each epoch a fresh shuffle, ``ceil(N / batch_size)`` batches,
+    each augmented with its own draws (see :class:`~qkv.data.shuffled_batches.ShuffledBatches`: batch ``k``
+    depends only on ``k``, so a resumed run sees the batches an uninterrupted one would).
 
     Args:
         images: the training split.
@@ -368,56 +367,16 @@ class ImageBatches:
         seed: int = 0,
         augment: Augment | None = None,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise DataError(f"batch_size must be an integer >= 1; got {batch_size!r}")
-        if len(images) == 0:
-            raise DataError("there are no training images")
-        self.images, self.seed, self.batch_size = images, seed, batch_size
+        super().__init__(len(images), batch_size=batch_size, seed=seed)
+        self.images = images
         self.normalization = normalization
         self.augment = augment or Augment()
-        self.per_epoch = -(-len(images) // batch_size)
-        self.batches = 0
-        self._order: tuple[int, np.ndarray] | None = None
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng((self.seed, epoch)).permutation(len(self.images)))
-        return self._order[1]
 
     def batch(self, k: int) -> ImageBatch:
         """Batch number ``k``."""
-        epoch, index = divmod(k, self.per_epoch)
-        rows = torch.from_numpy(self._permutation(epoch)[index * self.batch_size : (index + 1) * self.batch_size])
-        images = self.augment(self.images.images[rows], np.random.default_rng((self.seed, k, 1)))
+        rows = self.rows(k)
+        images = self.augment(self.images.images[rows], self.draws(k))
         return ImageBatch(self.normalization(images), self.images.labels[rows])
-
-    def __iter__(self) -> Iterator[ImageBatch]:
-        while True:
-            k = self.batches
-            self.batches += 1  # counted when handed out: a checkpoint after it resumes with the next one
-            yield self.batch(k)
-
-    @property
-    def epoch(self) -> float:
-        """Passes over the training images so far (batches / batches per epoch)."""
-        return self.batches / self.per_epoch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batches": self.batches, "seed": self.seed, "images": len(self.images), "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue after ``state["batches"]`` batches; ``DataError`` if it comes from another stream."""
-        batches = state.get("batches")
-        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
-            raise DataError(f"the saved batch position must be an integer >= 0; got {batches!r}")
-        saved = (state.get("seed"), state.get("images"), state.get("batch_size"))
-        if saved != (self.seed, len(self.images), self.batch_size):
-            raise DataError(
-                f"the saved batch position belongs to a stream of {saved[1]} images, seed {saved[0]}, batch size "
-                f"{saved[2]}, not this one ({len(self.images)} images, seed {self.seed}, batch size "
-                f"{self.batch_size}); the data changed since the checkpoint"
-            )
-        self.batches = batches
 
 
 def eval_batches(images: ImageSet, normalization: Normalization, batch_size: int = 256) -> Iterator[ImageBatch]:

@@ -7,13 +7,12 @@ resumed run sees the batches an uninterrupted one would (:meth:`FlowBatches.stat
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
-from qkv.data.parallel import DataError
+from qkv.data.shuffled_batches import ShuffledBatches
 from qkv.models.diffusion import logit_normal_times
 
 if TYPE_CHECKING:
@@ -45,7 +44,7 @@ def flow_draws(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[torch.
     return noise, times
 
 
-class FlowBatches:
+class FlowBatches(ShuffledBatches[FlowBatch]):
     """Endless training batches: each epoch a fresh shuffle of the images; batch ``k`` depends only on ``k``
     (its rows, noise, times and dropped prompts come from generators seeded by ``(seed, ...)``), so
     :meth:`state_dict` is just ``k``.
@@ -69,21 +68,15 @@ class FlowBatches:
         prompt_dropout: float,
         mirror: tuple[int, int] | None = None,
     ) -> None:
-        if len(split) == 0:
-            raise DataError("there are no training images")
+        super().__init__(len(split), batch_size=batch_size, seed=seed)
         self.split, self.tokens, self.lengths = split, tokens, lengths
-        self.batch_size, self.seed, self.prompt_dropout = batch_size, seed, prompt_dropout
-        self.mirror = mirror
-        self.per_epoch = -(-len(split) // batch_size)
-        self.batches = 0
+        self.prompt_dropout, self.mirror = prompt_dropout, mirror
 
     def batch(self, k: int) -> FlowBatch:
         """Batch number ``k``."""
-        epoch, index = divmod(k, self.per_epoch)
-        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.split))
-        rows = torch.from_numpy(order[index * self.batch_size : (index + 1) * self.batch_size])
+        rows = self.rows(k)
         images = self.split.images[rows]
-        rng = np.random.default_rng((self.seed, k, 1))
+        rng = self.draws(k)
         noise, times = flow_draws(rng, tuple(images.shape))
         drop = torch.from_numpy(rng.random(len(rows)) < self.prompt_dropout)
         tokens = self.tokens[rows]
@@ -94,30 +87,3 @@ class FlowBatches:
             swapped = torch.where(tokens == left, right, torch.where(tokens == right, left, tokens))
             tokens = torch.where(flip[:, None], swapped, tokens)
         return FlowBatch(images, tokens, self.lengths[rows], noise, times, drop)
-
-    def __iter__(self) -> Iterator[FlowBatch]:
-        while True:
-            k = self.batches
-            self.batches += 1  # counted when handed out: a checkpoint after it resumes with the next one
-            yield self.batch(k)
-
-    @property
-    def epoch(self) -> float:
-        return self.batches / self.per_epoch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batches": self.batches, "seed": self.seed, "images": len(self.split), "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue after ``state["batches"]`` batches; ``DataError`` if it comes from another stream."""
-        batches = state.get("batches")
-        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
-            raise DataError(f"the saved batch position must be an integer >= 0; got {batches!r}")
-        saved = (state.get("seed"), state.get("images"), state.get("batch_size"))
-        if saved != (self.seed, len(self.split), self.batch_size):
-            raise DataError(
-                f"the saved batch position belongs to a stream of {saved[1]} images, seed {saved[0]}, batch size "
-                f"{saved[2]}, not this one ({len(self.split)} images, seed {self.seed}, batch size "
-                f"{self.batch_size}); the data changed since the checkpoint"
-            )
-        self.batches = batches
