@@ -50,7 +50,7 @@ from qkv.checks import ConfigError, StrictConfig, int_at_least, option, positive
 from qkv.models.diffusion import DenoiserOutput, GuidedVelocity, check_sampling, sample, velocity_from_image
 from qkv.models.prompt_encoder import PromptEncoder, encode_prompts
 from qkv.models.transformer import stack_layers
-from qkv.models.vit import PatchEmbeddings, ViTConfig, sincos_2d
+from qkv.models.vit import PatchEmbeddings, ViTConfig, check_patch_geometry, sincos_2d
 from qkv.nn import KVCache, MultiHeadAttention
 
 TIME_FREQUENCIES = 256  # DiT's width of the sinusoidal time features
@@ -99,14 +99,7 @@ class TextToImageConfig(StrictConfig):
         def key(name: str) -> str:
             return qualified(prefix, name)
 
-        if self.image_size % self.patch_size:
-            raise ConfigError(
-                f"{key('image_size')}={self.image_size} must be a multiple of {key('patch_size')}={self.patch_size}"
-            )
-        if self.d_model % self.num_heads:
-            raise ConfigError(
-                f"{key('d_model')}={self.d_model} must be a multiple of {key('num_heads')}={self.num_heads}"
-            )
+        check_patch_geometry(self, prefix)
         if self.d_model % 4:
             raise ConfigError(f"{key('d_model')} must be divisible by 4 (2-D sin-cos positions); got {self.d_model}")
 

@@ -59,6 +59,22 @@ def _class_names(name: str, value: Any) -> list[str]:
     return list(value)
 
 
+def check_patch_geometry(config: Any, prefix: str) -> None:
+    """``config.image_size`` a multiple of ``config.patch_size`` and ``config.d_model`` of ``config.num_heads``
+    (a ViT's, or any patch transformer's config); ``ConfigError`` naming the keys under ``prefix`` otherwise."""
+    c = config
+    if c.image_size % c.patch_size:
+        raise ConfigError(
+            f"{qualified(prefix, 'image_size')}={c.image_size} must be a multiple of "
+            f"{qualified(prefix, 'patch_size')}={c.patch_size}"
+        )
+    if c.d_model % c.num_heads:
+        raise ConfigError(
+            f"{qualified(prefix, 'd_model')}={c.d_model} must be a multiple of "
+            f"{qualified(prefix, 'num_heads')}={c.num_heads}"
+        )
+
+
 @dataclass
 class ViTConfig(StrictConfig):
     """A Vision Transformer (:class:`VisionTransformer`); Hugging Face's ``ViTConfig`` names in brackets.
@@ -105,14 +121,7 @@ class ViTConfig(StrictConfig):
         def key(name: str) -> str:
             return qualified(prefix, name)
 
-        if self.image_size % self.patch_size:
-            raise ConfigError(
-                f"{key('image_size')}={self.image_size} must be a multiple of {key('patch_size')}={self.patch_size}"
-            )
-        if self.d_model % self.num_heads:
-            raise ConfigError(
-                f"{key('d_model')}={self.d_model} must be a multiple of {key('num_heads')}={self.num_heads}"
-            )
+        check_patch_geometry(self, prefix)
         if self.positional == "sinusoidal" and self.d_model % 4:
             raise ConfigError(
                 f"positional='sinusoidal' needs {key('d_model')} divisible by 4 (sin and cos of the row and of the "
