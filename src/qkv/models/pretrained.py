@@ -34,15 +34,18 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 
 from qkv.models.config import EncoderConfig
 from qkv.models.encoder import TransformerEncoder, bert_to_qkv_state_dict
 from qkv.nn.multi_head import stack_separate_projections
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -335,21 +338,35 @@ def load_encoder(directory: str | Path) -> TransformerEncoder:
         state = bert_to_qkv_state_dict(state)
     except ValueError as error:
         raise ValueError(f"{weights}: {error}") from None
-    model = TransformerEncoder(config)
+    return load_renamed_weights(TransformerEncoder(config), state, str(weights), config_name=CONFIG_FILE)
+
+
+def load_renamed_weights(
+    model: ModelT, state: dict[str, torch.Tensor], where: str, *, config_name: str, hint: str = ""
+) -> ModelT:
+    """``model`` (in eval mode) holding ``state``, a checkpoint's tensors already renamed to ``model``'s names
+    (separate q/k/v projections are stacked into ``in_proj`` first).
+
+    Raises:
+        ValueError: naming ``where``: weights of the model that ``state`` lacks (``hint`` appended), weights it
+            has that the model does not, or a tensor whose shape differs from the one ``config_name`` gives.
+    """
     try:
         state = stack_separate_projections(model, state)
     except ValueError as error:
-        raise ValueError(f"{weights}: {error}") from None
+        raise ValueError(f"{where}: {error}") from None
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
+    missing = [k for k in expected if k not in state]
     if missing:
-        raise ValueError(f"{weights} lacks {len(missing)} weight(s) of the model, e.g. {', '.join(missing[:3])}")
-    wrong = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    if wrong:
-        k = wrong[0]
-        raise ValueError(
-            f"{weights}: {k} has shape {tuple(state[k].shape)} but {CONFIG_FILE} gives {tuple(expected[k].shape)}"
-        )
+        raise ValueError(f"{where} lacks {len(missing)} weight(s) of the model, e.g. {', '.join(missing[:3])}{hint}")
+    extra = [k for k in state if k not in expected]
+    if extra:  # e.g. a class token in a checkpoint of a model configured for mean pooling
+        raise ValueError(f"{where} has weight(s) the model does not: {', '.join(extra[:3])}")
+    for k, t in state.items():
+        if t.shape != expected[k].shape:
+            raise ValueError(
+                f"{where}: {k} has shape {tuple(t.shape)} but {config_name} gives {tuple(expected[k].shape)}"
+            )
     model.load_state_dict(state)
     return model.eval()
 

@@ -36,9 +36,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from qkv.checks import short_repr
-from qkv.models.pretrained import CONFIG_FILE, HF_ONLY_KEYS, PICKLE_FILES, WEIGHTS_FILE
+from qkv.models.pretrained import CONFIG_FILE, HF_ONLY_KEYS, PICKLE_FILES, WEIGHTS_FILE, load_renamed_weights
 from qkv.models.vit import VisionTransformer, ViTConfig
-from qkv.nn.multi_head import stack_separate_projections
 
 # Inside a layer: ViT's module names (transformers 5, then the checkpoint files of transformers 4) → qkv's.
 HF_VIT_LAYER_NAMES = {
@@ -213,26 +212,13 @@ def load_hf_vit(
         renamed = hf_vit_to_qkv_state_dict(state)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
-    model = VisionTransformer(model_config)
-    try:
-        renamed = stack_separate_projections(model, renamed)
-    except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in renamed]
-    if missing:
-        raise ValueError(
-            f"{where} lacks {len(missing)} weight(s) of the model, e.g. {', '.join(missing[:3])} "
-            "(a ViTForImageClassification checkpoint has them all)"
-        )
-    extra = [k for k in renamed if k not in expected]
-    if extra:  # e.g. a class token in a checkpoint of a model configured for mean pooling
-        raise ValueError(f"{where} has weight(s) the model does not: {', '.join(extra[:3])}")
-    for k, t in renamed.items():
-        if t.shape != expected[k].shape:
-            raise ValueError(f"{where}: {k} has shape {tuple(t.shape)} but the config gives {tuple(expected[k].shape)}")
-    model.load_state_dict(renamed)
-    return model.eval()
+    return load_renamed_weights(
+        VisionTransformer(model_config),
+        renamed,
+        where,
+        config_name="the config",
+        hint=" (a ViTForImageClassification checkpoint has them all)",
+    )
 
 
 def _read_hf_config(directory: Path) -> dict[str, Any]:
