@@ -134,7 +134,7 @@ def prepare_out(out: Path) -> None:
     if not out.exists():
         return
     if not (out / "train.log").is_file():
-        raise SystemExit(f"lm_nanogpt: {out} exists and is not a qkv run directory; choose another --workdir")
+        raise SystemExit(f"{out} exists and is not a qkv run directory; choose another --workdir")
     shutil.rmtree(out)
 
 

@@ -24,12 +24,12 @@ import argparse
 import copy
 import json
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from lm_nanogpt import prepare_out  # this folder is on sys.path when a script here runs
 
 from qkv.bench.runner import cpu_model
 from qkv.checks import ConfigError
@@ -73,15 +73,6 @@ def test_scores(out: Path) -> dict[str, Any] | None:
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     found = [r for r in records if r.get("split") == "test"]
     return found[-1] if found else None
-
-
-def prepare_out(out: Path) -> None:
-    """Start ``out`` afresh: remove a previous run of this script there; refuse anything else."""
-    if not out.exists():
-        return
-    if not (out / "train.log").is_file():
-        raise SystemExit(f"vit_digits: {out} exists and is not a qkv run directory; choose another --workdir")
-    shutil.rmtree(out)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
