@@ -15,6 +15,7 @@ from qkv.models.diffusion import (
     interpolate,
     logit_normal_times,
     sample,
+    shift_times,
     time_grid,
     velocity_from_image,
     velocity_target,
@@ -60,6 +61,37 @@ def test_sampling_an_exact_velocity_recovers_the_image_in_any_number_of_steps(st
     torch.testing.assert_close(sample(velocity, noise, steps), x0, atol=1e-5, rtol=1e-5)
     assert times == pytest.approx(time_grid(steps)[:-1].tolist())
     assert times[0] == 1.0 and len(times) == steps
+
+
+def test_shifted_times_keep_the_ends_and_move_the_middle_toward_the_noise() -> None:
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    assert shift_times(t, 1.0) is t
+    shifted = shift_times(t, 3.0)
+    torch.testing.assert_close(shifted, 3 * t / (1 + 2 * t))
+    assert shifted[0] == 0 and shifted[-1] == 1
+    assert bool((shifted[1:-1] > t[1:-1]).all()) and bool((shifted.diff() > 0).all())
+    assert float(shift_times(torch.tensor(0.5), 3.0)) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_a_shifted_sampler_visits_the_shifted_grid_and_still_recovers_the_image(steps: int) -> None:
+    x0, noise = fixed(0), fixed(1)
+    times: list[float] = []
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        times.append(float(t[0]))
+        return velocity_target(x0, noise)
+
+    torch.testing.assert_close(sample(velocity, noise, steps, shift=3.0), x0, atol=1e-5, rtol=1e-5)
+    uniform = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]
+    assert times == pytest.approx((3 * uniform / (1 + 2 * uniform)).tolist())
+
+
+def test_shifted_training_times_lean_further_to_the_noise() -> None:
+    normal = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
+    plain, shifted = logit_normal_times(normal), logit_normal_times(normal, 3.0)
+    torch.testing.assert_close(shifted, 3 * plain / (1 + 2 * plain))
+    assert float((shifted > 0.9).float().mean()) > 3 * float((plain > 0.9).float().mean())
 
 
 def test_an_exact_image_prediction_gives_the_exact_velocity() -> None:

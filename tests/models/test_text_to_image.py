@@ -53,6 +53,8 @@ def noise(batch: int, seed: int = 1) -> torch.Tensor:
         ({"vocabulary": ["Red"]}, "vocabulary must be a non-empty list of distinct lower-case words"),
         ({"vocabulary": ["left of"]}, "vocabulary must be a non-empty list of distinct lower-case words"),
         ({"text_layers": -1}, "text_layers must be an int >= 0; got -1"),
+        ({"text_attention": "sideways"}, "text_attention must be one of"),
+        ({"time_shift": 0}, "time_shift must be"),
     ],
 )
 def test_bad_configs_name_the_field(overrides: dict[str, object], message: str) -> None:
@@ -123,6 +125,58 @@ def test_dropped_prompts_keep_the_start_token_only() -> None:
     x, t = noise(2), torch.tensor([0.5, 0.5])
     dropped = model.denoise(x[1:], t[1:], memory[1:], keys[1:]).velocity
     torch.testing.assert_close(dropped, model.denoise(x[1:], t[1:], null, null_keys).velocity)
+
+
+@pytest.mark.parametrize(
+    "direction, changed",
+    [
+        ("causal", [False, False, True, True]),  # word 1 changed: it and the words after it see it
+        ("anticausal", [False, True, True, False]),  # it and the words before it (key 0, the start token, never)
+        ("bidirectional", [False, True, True, True]),
+    ],
+)
+def test_the_text_attention_direction_decides_which_words_see_a_word(direction: str, changed: list[bool]) -> None:
+    model = trained_looking(tiny(text_attention=direction))
+    first, _ = model.encode_prompts(["a red circle"])
+    second, _ = model.encode_prompts(["a blue circle"])
+    assert [not torch.allclose(first[0, i], second[0, i]) for i in range(4)] == changed
+
+
+@pytest.mark.parametrize(
+    "direction, pooled_key",
+    [("causal", lambda n: n - 1), ("anticausal", lambda n: min(n, 2) - 1), ("bidirectional", None)],
+)
+def test_the_pooled_prompt_is_the_key_that_read_the_whole_prompt_or_the_mean(
+    direction: str, pooled_key: object
+) -> None:
+    model = trained_looking(tiny(text_attention=direction, pooled_text=True))
+    memory, keys = model.encode_prompts(["a red circle left of a blue square", "a circle"])
+    pooled = model.pool(memory, keys)
+    for row, n in enumerate(keys.tolist()):
+        want = memory[row, :n].mean(0) if pooled_key is None else memory[row, pooled_key(n)]  # type: ignore[operator]
+        torch.testing.assert_close(pooled[row], want)
+    null, null_keys = model.unconditional(1, memory.shape[1])
+    torch.testing.assert_close(model.pool(null, null_keys)[0], null[0, 0])  # the null prompt pools to its start token
+    x, t = noise(2), torch.tensor([0.7, 0.7])
+    with_pool = model.denoise(x, t, memory, keys).velocity
+    assert model.text_pool is not None
+    with torch.no_grad():
+        model.text_pool.weight.zero_(), model.text_pool.bias.zero_()
+    assert not torch.allclose(with_pool, model.denoise(x, t, memory, keys).velocity)  # the pooled prompt is read
+
+
+def test_generate_follows_the_model_time_shift(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = trained_looking(tiny(time_shift=3.0))
+    seen: list[float] = []
+    denoise = model.denoise
+
+    def spy(x_t: torch.Tensor, t: torch.Tensor, *args: object, **kwargs: object) -> object:
+        seen.append(float(t[0]))
+        return denoise(x_t, t, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model, "denoise", spy)
+    model.generate(["a red circle"], noise(1), steps=2, guidance=1.0)
+    assert seen == pytest.approx([1.0, 0.75])
 
 
 def test_generate_encodes_the_prompt_once_and_projects_its_keys_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -258,3 +258,17 @@ def test_the_demo_config_is_the_built_in_one_and_bounds_its_time() -> None:
     assert config.task == "text_to_image" and config.data.corpus == "scenes" and config.data.flip
     assert config.model.patch_size == 4 and config.training.max_steps == 4000
     assert config.training.max_time is not None and config.training.max_time <= 600
+
+
+def test_a_share_of_the_training_times_is_shifted_toward_the_noise(tmp_path: Path) -> None:
+    from qkv.models.diffusion import shift_times
+
+    shifted = prepared(tmp_path, model={"time_shift": 5.0}, training={"shifted_times": 0.5, "batch_size": 8})
+    plain = prepared(tmp_path / "plain", training={"batch_size": 8})
+    a, b = next(iter(shifted.train_batches())), next(iter(plain.train_batches()))
+    assert torch.equal(a.noise, b.noise)  # the same draws; only the times of the first half move
+    torch.testing.assert_close(a.times[:4], shift_times(b.times[:4], 5.0))
+    torch.testing.assert_close(a.times[4:], b.times[4:])
+    assert bool((a.times[:4] > b.times[:4]).all())
+    every = prepared(tmp_path / "every", model={"time_shift": 5.0}, training={"batch_size": 8})
+    torch.testing.assert_close(next(iter(every.train_batches())).times, shift_times(b.times, 5.0))

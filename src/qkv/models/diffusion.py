@@ -78,10 +78,19 @@ TIME_MEAN, TIME_STD = 0.8, 0.8  # logit-normal training times, leaning to the no
 MIN_TIME = 0.05  # an image prediction becomes a velocity (x_t - x0) / t with t at least this
 
 
-def logit_normal_times(normal: torch.Tensor) -> torch.Tensor:
-    """Training times ``sigmoid(TIME_MEAN + TIME_STD·n)`` of standard normal draws ``n``: in ``(0, 1)``, more of
-    them noisy (``t > 0.5``: 84%), where the layout is decided, than clean (Li & He, 2025, JiT)."""
-    return torch.sigmoid(TIME_MEAN + TIME_STD * normal)
+def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Times moved toward the noise: ``shift·t / (1 + (shift - 1)·t)`` (SD3's timestep shift, Esser et al. 2024);
+    0 and 1 stay, ``shift = 1`` is the identity, ``shift = 3`` maps 0.5 to 0.75 and 0.9 to 0.96."""
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def logit_normal_times(normal: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
+    """Training times ``sigmoid(TIME_MEAN + TIME_STD·n)`` of standard normal draws ``n``, shifted by ``shift``
+    (:func:`shift_times`): in ``(0, 1)``, more of them noisy (``t > 0.5``: 84% unshifted), where the layout is
+    decided, than clean (Li & He, 2025, JiT)."""
+    return shift_times(torch.sigmoid(TIME_MEAN + TIME_STD * normal), shift)
 
 
 def velocity_from_image(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -105,10 +114,11 @@ def check_sampling(steps: object, guidance: object) -> tuple[int, float]:
     return int_at_least("steps", steps), non_negative_number("guidance", guidance)
 
 
-def time_grid(steps: int) -> torch.Tensor:
-    """The ``steps + 1`` times of the Euler sampler, from 1 (noise) down to 0 (the image), uniform, float64."""
+def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """The ``steps + 1`` times of the Euler sampler, from 1 (noise) down to 0 (the image): uniform, then shifted
+    by ``shift`` (:func:`shift_times`; more steps near the noise), float64."""
     steps = int_at_least("steps", steps)
-    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return shift_times(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
 
 
 def euler_step(x: torch.Tensor, t: float, t_next: float, velocity: torch.Tensor) -> torch.Tensor:
@@ -127,17 +137,18 @@ def guide(v_cond: torch.Tensor, v_uncond: torch.Tensor | None, guidance: float) 
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
-def sample(velocity: Velocity, noise: torch.Tensor, steps: int) -> torch.Tensor:
+def sample(velocity: Velocity, noise: torch.Tensor, steps: int, shift: float = 1.0) -> torch.Tensor:
     """Integrate ``velocity`` from ``noise`` (``t = 1``) to an image (``t = 0``) in ``steps`` Euler steps.
 
     Args:
         velocity: the (guided) velocity function, called ``steps`` times.
         noise: ``(B, C, H, W)`` the starting point.
         steps: Euler steps, >= 1.
+        shift: the time grid's shift (:func:`time_grid`), the one the model was trained with.
     Returns:
         ``(B, C, H, W)`` the sample (not clamped).
     """
-    grid = time_grid(steps).tolist()
+    grid = time_grid(steps, shift).tolist()
     x = noise
     for i in range(steps):
         t, t_next = grid[i], grid[i + 1]

@@ -65,6 +65,10 @@ class PromptEncoder(nn.Module):
     Args:
         vocab_size: ``V``. max_words: the longest prompt. d_model: ``E``. num_heads, ffn_dim, layers, eps: the
             encoder layers' heads, feed-forward width, count (0: none) and LayerNorm epsilon.
+        direction: which words a word reads in the encoder layers: ``"bidirectional"`` (all), ``"causal"``
+            (itself and those before it, as CLIP's text encoder: a noun has read its adjectives) or
+            ``"anticausal"`` (itself and those after it: an adjective has read its noun; a sliding ``window``
+            of ``(0, S)`` in :func:`qkv.attention`).
 
     Attributes:
         embed_tokens: ``(V, E)``. embed_positions: ``(max_prompt_words, E)``.
@@ -73,9 +77,21 @@ class PromptEncoder(nn.Module):
     """
 
     def __init__(
-        self, vocab_size: int, max_words: int, d_model: int, num_heads: int, ffn_dim: int, layers: int, eps: float
+        self,
+        vocab_size: int,
+        max_words: int,
+        d_model: int,
+        num_heads: int,
+        ffn_dim: int,
+        layers: int,
+        eps: float,
+        *,
+        direction: str = "bidirectional",
     ) -> None:
         super().__init__()
+        if direction not in ("bidirectional", "causal", "anticausal"):
+            raise ValueError(f"direction must be 'bidirectional', 'causal' or 'anticausal'; got {direction!r}")
+        self.direction = direction
         self.embed_tokens = nn.Embedding(vocab_size, d_model)
         self.embed_positions = nn.Embedding(max_words, d_model)
         self.layers = nn.ModuleList(
@@ -92,7 +108,8 @@ class PromptEncoder(nn.Module):
         the words (rows past ``1 + lengths[b]`` are padding: masked wherever they are read)."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.embed_tokens(tokens) + self.embed_positions(positions)
+        window = (0, tokens.shape[1]) if self.direction == "anticausal" else None
         for layer in self.layers:
-            x, _ = layer(x, key_lengths=lengths)
+            x, _ = layer(x, key_lengths=lengths, causal=self.direction == "causal", window=window)
         words: torch.Tensor = self.norm(x)
         return torch.cat([self.start.expand(tokens.shape[0], 1, -1).to(words.dtype), words], dim=1)

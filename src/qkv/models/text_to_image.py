@@ -46,7 +46,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qkv.checks import ConfigError, StrictConfig, int_at_least, option, positive_number, qualified, required
+from qkv.checks import (
+    ConfigError,
+    StrictConfig,
+    boolean,
+    int_at_least,
+    one_of,
+    option,
+    positive_number,
+    qualified,
+    required,
+)
 from qkv.models.diffusion import DenoiserOutput, GuidedVelocity, check_sampling, sample, velocity_from_image
 from qkv.models.prompt_encoder import PromptEncoder, encode_prompts
 from qkv.models.transformer import stack_layers
@@ -54,6 +64,7 @@ from qkv.models.vit import PatchEmbeddings, ViTConfig, check_patch_geometry, sin
 from qkv.nn import KVCache, MultiHeadAttention
 
 TIME_FREQUENCIES = 256  # DiT's width of the sinusoidal time features
+TEXT_ATTENTIONS = ("bidirectional", "causal", "anticausal")
 TIME_SCALE = 1000.0  # t in [0, 1] is spread over DiT's 0..1000 timestep range before the sinusoids
 
 
@@ -79,6 +90,8 @@ class TextToImageConfig(StrictConfig):
         num_heads: heads of every attention (self, cross and the text encoder's); must divide ``d_model``.
         ffn_dim: the hidden width of every feed-forward network.
         text_layers: layers of the text encoder (0: word embeddings and positions only).
+        text_attention: ``"causal"`` (a word reads the words before it, as CLIP's text encoder) or
+            ``"bidirectional"`` (every word reads every word).
         max_prompt_words: the longest prompt (learned positions).
         layer_norm_eps: LayerNorm epsilon.
     """
@@ -92,6 +105,9 @@ class TextToImageConfig(StrictConfig):
     num_heads: int = option(4, int_at_least)
     ffn_dim: int = option(512, int_at_least)
     text_layers: int = option(2, int_at_least, 0)
+    text_attention: str = option("bidirectional", one_of, TEXT_ATTENTIONS)
+    pooled_text: bool = option(False, boolean)
+    time_shift: float = option(1.0, positive_number)
     max_prompt_words: int = option(16, int_at_least)
     layer_norm_eps: float = option(1e-6, positive_number)
 
@@ -209,7 +225,14 @@ class TextToImageModel(nn.Module):
             raise TypeError(f"config must be a TextToImageConfig; got {type(config).__name__}")
         self.config = c = config
         self.text_encoder = PromptEncoder(
-            len(c.vocabulary), c.max_prompt_words, c.d_model, c.num_heads, c.ffn_dim, c.text_layers, c.layer_norm_eps
+            len(c.vocabulary),
+            c.max_prompt_words,
+            c.d_model,
+            c.num_heads,
+            c.ffn_dim,
+            c.text_layers,
+            c.layer_norm_eps,
+            direction=c.text_attention,
         )
         patches = ViTConfig(
             image_size=c.image_size,
@@ -223,6 +246,7 @@ class TextToImageModel(nn.Module):
         self.register_buffer("positions", sincos_2d(c.grid, c.d_model).float()[None], persistent=False)
         self.time_in = nn.Linear(TIME_FREQUENCIES, c.d_model)
         self.time_out = nn.Linear(c.d_model, c.d_model)
+        self.text_pool = nn.Linear(c.d_model, c.d_model) if c.pooled_text else None
         self.blocks = nn.ModuleList(DiTBlock(c) for _ in range(c.num_layers))
         self.norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, elementwise_affine=False)
         self.final_modulation = nn.Linear(c.d_model, 2 * c.d_model)
@@ -317,6 +341,8 @@ class TextToImageModel(nn.Module):
             )
         x = self.patch_embeddings(x_t) + self.positions
         cond = self.time_out(F.silu(self.time_in(time_features(t))))
+        if self.text_pool is not None:
+            cond = cond + self.text_pool(self.pool(memory, memory_lengths))
         weights = []
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
@@ -326,6 +352,18 @@ class TextToImageModel(nn.Module):
         patches = self.final_linear(modulate(self.norm(x), shift, scale))
         velocity = velocity_from_image(x_t, self.unpatchify(patches), t)
         return DenoiserOutput(velocity, stack_layers(weights) if need_attention else None)
+
+    def pool(self, memory: torch.Tensor, memory_lengths: torch.Tensor) -> torch.Tensor:
+        """One vector per prompt, ``(B, E)``, from ``memory (B, S, E)`` with ``memory_lengths (B,)`` keys: the last
+        key with a causal text encoder (it has read the whole prompt, as CLIP's pooled output), else the mean of
+        the keys. The null prompt's is the start token."""
+        rows = torch.arange(memory.shape[0], device=memory.device)
+        if self.config.text_attention == "causal":
+            return memory[rows, memory_lengths - 1]
+        if self.config.text_attention == "anticausal":
+            return memory[rows, memory_lengths.clamp(max=2) - 1]
+        valid = torch.arange(memory.shape[1], device=memory.device)[None] < memory_lengths[:, None]  # (B, S)
+        return (memory * valid[..., None]).sum(1) / memory_lengths[:, None].to(memory.dtype)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """``(B, h·w, P·P·C)`` → ``(B, C, H, W)``."""
@@ -351,6 +389,6 @@ class TextToImageModel(nn.Module):
             raise ValueError(f"noise has {noise.shape[0]} rows for {len(prompts)} prompts; give one per prompt")
         memory, lengths = self.encode_prompts(prompts)
         velocity = GuidedVelocity(self, memory, lengths, guidance, need_attention=need_attention)
-        images = sample(velocity, noise.to(memory.device, memory.dtype), steps)
+        images = sample(velocity, noise.to(memory.device, memory.dtype), steps, self.config.time_shift)
         attention = None if velocity.attention is None else velocity.attention[..., 1:] / steps
         return Generation(images, attention)

@@ -126,7 +126,7 @@ def denoising_loss(model: nn.Module, split: CaptionedSplit, device: torch.device
     assert isinstance(model, TextToImageModel), "the text-to-image task trains a TextToImageModel"
     c = model.config
     tokens, lengths = encode_prompts(split.captions, c.vocabulary, c.max_prompt_words)
-    noise, times = flow_draws(np.random.default_rng((seed, 2)), tuple(split.images.shape))
+    noise, times = flow_draws(np.random.default_rng((seed, 2)), tuple(split.images.shape), c.time_shift)
     total = 0.0
     for start in range(0, len(split), EVAL_BATCH):
         part = slice(start, start + EVAL_BATCH)
@@ -228,7 +228,15 @@ class TextToImageTask(Task):
             mirror = (self.vocabulary.index("left"), self.vocabulary.index("right"))
         seed = self.config.training.seed
         return FlowBatches(
-            train, tokens, lengths, batch_size=o.batch_size, seed=seed, prompt_dropout=o.prompt_dropout, mirror=mirror
+            train,
+            tokens,
+            lengths,
+            batch_size=o.batch_size,
+            seed=seed,
+            prompt_dropout=o.prompt_dropout,
+            mirror=mirror,
+            time_shift=self.config.model.time_shift,
+            shifted_times=o.shifted_times,
         )
 
     def batch_tokens(self, batch: FlowBatch) -> int:

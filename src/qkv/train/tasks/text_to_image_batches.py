@@ -36,11 +36,16 @@ class FlowBatch(NamedTuple):
         return FlowBatch(*(t[rows] for t in self))
 
 
-def flow_draws(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_draws(
+    rng: np.random.Generator, shape: tuple[int, ...], shift: float = 1.0, shifted: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(noise (B, C, H, W), times (B,))``: Gaussian noise and logit-normal times
-    (:func:`~qkv.models.diffusion.logit_normal_times`) drawn from ``rng``."""
+    (:func:`~qkv.models.diffusion.logit_normal_times`) drawn from ``rng``, a share ``shifted`` of them (the first
+    rows) shifted by ``shift``."""
     noise = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
-    times = logit_normal_times(torch.from_numpy(rng.standard_normal(shape[0], dtype=np.float32)))
+    normal = torch.from_numpy(rng.standard_normal(shape[0], dtype=np.float32))
+    count = round(shifted * shape[0])
+    times = torch.cat([logit_normal_times(normal[:count], shift), logit_normal_times(normal[count:])])
     return noise, times
 
 
@@ -67,17 +72,20 @@ class FlowBatches(ShuffledBatches[FlowBatch]):
         seed: int,
         prompt_dropout: float,
         mirror: tuple[int, int] | None = None,
+        time_shift: float = 1.0,
+        shifted_times: float = 1.0,
     ) -> None:
         super().__init__(len(split), batch_size=batch_size, seed=seed)
         self.split, self.tokens, self.lengths = split, tokens, lengths
         self.prompt_dropout, self.mirror = prompt_dropout, mirror
+        self.time_shift, self.shifted_times = time_shift, shifted_times
 
     def batch(self, k: int) -> FlowBatch:
         """Batch number ``k``."""
         rows = self.rows(k)
         images = self.split.images[rows]
         rng = self.draws(k)
-        noise, times = flow_draws(rng, tuple(images.shape))
+        noise, times = flow_draws(rng, tuple(images.shape), self.time_shift, self.shifted_times)
         drop = torch.from_numpy(rng.random(len(rows)) < self.prompt_dropout)
         tokens = self.tokens[rows]
         if self.mirror is not None:

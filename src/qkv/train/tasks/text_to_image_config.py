@@ -121,6 +121,9 @@ class TextToImageModelConfig(StrictConfig):
     num_heads: int = _MODEL_DEFAULTS["num_heads"]
     ffn_dim: int = _MODEL_DEFAULTS["ffn_dim"]
     text_layers: int = _MODEL_DEFAULTS["text_layers"]
+    text_attention: str = _MODEL_DEFAULTS["text_attention"]
+    pooled_text: bool = _MODEL_DEFAULTS["pooled_text"]
+    time_shift: float = _MODEL_DEFAULTS["time_shift"]
     layer_norm_eps: float = _MODEL_DEFAULTS["layer_norm_eps"]
 
     def check(self, prefix: str) -> None:
@@ -160,6 +163,9 @@ class TextToImageTrainingConfig(StrictConfig):
         batch_size: images per batch.
         prompt_dropout: the share of training images whose prompt is replaced by the null prompt (what
             classifier-free guidance contrasts with).
+        shifted_times: the share of training images whose time is shifted toward the noise by the model's
+            ``time_shift`` (where the layout is decided); the others keep the unshifted logit-normal times
+            (where the shapes are).
         sample_steps, guidance: how the end-of-training faithfulness test samples, and the defaults the model
             directory records for ``qkv generate`` / ``qkv show``.
         test_prompts: prompts of each test split (seen combinations, held-out ones) generated and judged at the
@@ -168,6 +174,7 @@ class TextToImageTrainingConfig(StrictConfig):
 
     batch_size: int = option(64, int_at_least, 1)
     prompt_dropout: float = option(0.1, probability)
+    shifted_times: float = option(1.0, number_between, 0.0, 1.0)
     sample_steps: int = option(20, int_at_least, 1)
     guidance: float = option(2.0, non_negative_number)
     test_prompts: int = option(50, int_at_least, 0)
