@@ -256,7 +256,8 @@ def test_the_demo_config_is_the_built_in_one_and_bounds_its_time() -> None:
 
     config = load_config("t2i_demo")
     assert config.task == "text_to_image" and config.data.corpus == "scenes" and config.data.flip
-    assert config.model.patch_size == 4 and config.training.max_steps == 4000
+    assert config.model.patch_size == 4 and config.training.max_steps == 5600
+    assert config.model.pooled_text and config.model.time_shift == 5 and config.task_training.shifted_times == 0.8
     assert config.training.max_time is not None and config.training.max_time <= 600
 
 

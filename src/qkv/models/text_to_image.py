@@ -9,6 +9,7 @@ weights say where in the image it acts::
     memory = text_encoder(tokens, lengths)  # (B, S, E): words → vectors, once per prompt
     x = patch_embeddings(x_t) + sincos_2d(h, w)  # (B, N, E), N = h·w patches, row-major
     c = time_out(silu(time_in(time_features(t))))  # (B, E)
+    c = c + text_pool(pool(memory))  # with pooled_text: the whole prompt in every block's adaLN (as SD3)
     for block in blocks:  # adaLN-Zero: c sets each block's shift, scale and gate
         x = x + gate1 · self_attn(modulate(norm1(x), c))  # patches ↔ patches
         x = x + cross_attn(norm2(x), memory)  # patches → words: (B, heads, N, S) weights
@@ -22,6 +23,10 @@ without having to learn from positions which patches those are. Over the same 25
 config it took the valid loss from 0.209 to 0.157, and the shapes it draws stopped being checkerboards of
 independent patches. Mixing stays local and positional: the words reach the patches through cross-attention
 only.
+
+The pooled prompt (``pooled_text``) gives every patch the whole prompt (which relation, which objects) from the
+first block on, so that the cross-attention's queries can depend on it: with the time shift of
+:mod:`qkv.models.diffusion` it is what let the demo model place two objects as their relation says.
 
 The text encoder is small and trained jointly (:class:`~qkv.models.prompt_encoder.PromptEncoder`): word
 embeddings from the model's own vocabulary (kept in the config, so a model directory knows its words; a word
@@ -90,8 +95,12 @@ class TextToImageConfig(StrictConfig):
         num_heads: heads of every attention (self, cross and the text encoder's); must divide ``d_model``.
         ffn_dim: the hidden width of every feed-forward network.
         text_layers: layers of the text encoder (0: word embeddings and positions only).
-        text_attention: ``"causal"`` (a word reads the words before it, as CLIP's text encoder) or
-            ``"bidirectional"`` (every word reads every word).
+        text_attention: which words a word reads in the text encoder's layers (:class:`PromptEncoder`):
+            ``"bidirectional"`` (all), ``"causal"`` (those before it, as CLIP's) or ``"anticausal"`` (those after).
+        pooled_text: also condition every block's adaLN on one vector of the prompt (:meth:`TextToImageModel.pool`)
+            added to the time embedding, as SD3 adds CLIP's pooled output.
+        time_shift: the shift of the sampler's times toward the noise (:func:`~qkv.models.diffusion.shift_times`),
+            the one the model was trained with.
         max_prompt_words: the longest prompt (learned positions).
         layer_norm_eps: LayerNorm epsilon.
     """
