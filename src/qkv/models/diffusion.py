@@ -30,10 +30,11 @@ Where an image's layout is decided, and the time shift (:func:`shift_times`, SD3
 pixels survive a lot of noise, so by ``t = 0.8`` a noisy scene already shows where its objects are, and a
 sampler that starts at ``t = 1`` commits to a layout within its first steps. A model that seldom trains above
 ``t = 0.9`` (0.4% of the unshifted times are above 0.95) learns to read the layout from the noise and
-ignores the words that should set it ("left of", "above"): on the demo model, swapping "left" for "right"
-did not move a single object. Shifting the times toward the noise, in training and in the sampler's grid
-alike, fixes that; shifting every training time starves the fine detail decided near the image (circles
-drawn as squares), so the demo shifts 80% of them (``training.shifted_times``).
+ignores the words that should set it ("left of", "above"): on a model trained without the shift, the same
+32 noises gave the same layouts for "left of" and "right of". Shifting the times toward the noise, in
+training and in the sampler's grid alike, fixes that; shifting every training time starves the fine detail
+decided near the image (circles drawn as squares), so the demo shifts 80% of them
+(``training.shifted_times``).
 
 Why a flow and not DDPM/DDIM: one loss with no noise schedule to tune, a sampler of a few lines whose steps
 follow a straight line (so a few dozen Euler steps suffice for a small model, which matters on a CPU),
