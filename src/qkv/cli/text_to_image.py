@@ -11,8 +11,8 @@
 one image (``--seed``, default 0) and draws, per prompt word, its cross-attention averaged over heads, layers
 and sampling steps, overlaid on the image (:mod:`qkv.viz.word_maps`); ``--html`` writes the interactive
 view, ``--json`` the maps; without them it prints where each word's map peaks. The commands' modules call
-these when the model directory holds a ``text_to_image`` model. The model runs on one intra-op thread
-(:func:`one_thread`).
+these when the model directory holds a ``text_to_image`` model. ``generate``, ``show`` and the demo's grid run
+the model on one intra-op thread (:func:`one_thread`); the demo trains on torch's default threads (:func:`run_demo`).
 """
 
 from __future__ import annotations
