@@ -19,18 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 httpx = pytest.importorskip("httpx", reason="qkv serve needs the deploy extra: pip install 'qkv[deploy]'")
 pytest.importorskip("fastapi", reason="qkv serve needs the deploy extra: pip install 'qkv[deploy]'")
 pytest.importorskip("uvicorn", reason="qkv serve needs the deploy extra: pip install 'qkv[deploy]'")
 
 from qkv.cli import main  # noqa: E402
-from qkv.data.tokenizer import CharTokenizer  # noqa: E402
-from qkv.models import TransformerConfig, TransformerSeq2Seq, save_model  # noqa: E402
+from qkv.models import save_model  # noqa: E402
 from qkv.train.translate import Translator, save_tokenizers  # noqa: E402
 
-ALPHABET = "abcdefghij ,.0123456789"
+ALPHABET = "abcdefghij ,.0123456789"  # the characters of the tiny translator (tests/conftest.py)
 STARTUP_S = 60.0  # importing torch and fastapi on a busy 2-core machine
 
 
@@ -48,21 +46,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory, translator: Translator) -> Path:
+    """The tiny random translator of ``tests/conftest.py`` as a model directory."""
     directory = tmp_path_factory.mktemp("serve") / "model"
-    tokenizer = CharTokenizer.train([ALPHABET])
-    v = tokenizer.vocab_size
-    torch.manual_seed(0)
-    config = TransformerConfig(
-        src_vocab_size=v, tgt_vocab_size=v, d_model=16, num_heads=2, encoder_layers=1, decoder_layers=1, ffn_dim=32
-    )
-    model = TransformerSeq2Seq(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(std=0.3)
-    save_model(model, directory)
-    save_tokenizers(directory, tokenizer, tokenizer, shared=True)
+    save_model(translator.model, directory)
+    save_tokenizers(directory, translator.src_tokenizer, translator.tgt_tokenizer, shared=True)
     return directory
 
 
