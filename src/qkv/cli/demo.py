@@ -26,6 +26,11 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qkv.train.config import Config
+    from qkv.train.trainer import TrainResult
 
 DEMO_CONFIG = "demo"
 LM_DEMO_CONFIG = "lm_demo"
@@ -42,6 +47,26 @@ def _read_lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
+def train_demo(config: Config, *, resume: bool, again: str) -> tuple[TrainResult | None, int]:
+    """Train a demo's ``config``: ``(result, 0)``, or ``(None, exit status)`` with the error printed: 130 when
+    interrupted (saying that the command ``again`` continues), 2 for a bad config, data, checkpoint or write."""
+    from qkv.train.errors import TrainError, TrainInterrupted
+    from qkv.train.trainer import train
+
+    out = Path(config.output.dir)
+    try:
+        return train(config, resume=resume), 0
+    except TrainInterrupted as e:
+        print(f"qkv demo: error: {e} ({again} continues)", file=sys.stderr)
+        return None, 130  # the shell's status for a process ended by SIGINT
+    except (ValueError, TrainError) as e:  # ConfigError, DataError, CheckpointError
+        print(f"qkv demo: error: {e}", file=sys.stderr)
+        return None, 2
+    except OSError as e:  # a write the trainer does not wrap itself (train.log, tokenizers)
+        print(f"qkv demo: error: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
+        return None, 2
+
+
 def run(args: argparse.Namespace) -> int:
     """The demo ``args.which`` names; returns the exit status."""
     if args.which == "t2i":
@@ -53,11 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_translation(args: argparse.Namespace) -> int:
     """Train, evaluate, translate and plot; returns the exit status."""
-    from qkv.data.parallel import DataError
-    from qkv.train.checkpoint_io import CheckpointError
     from qkv.train.config import ConfigError, load_config
     from qkv.train.evaluate import score
-    from qkv.train.trainer import TrainError, TrainInterrupted, train
     from qkv.train.translate import Translator
     from qkv.viz.alignment import plot_alignment
 
@@ -71,17 +93,9 @@ def run_translation(args: argparse.Namespace) -> int:
     resume = args.resume or (out / "checkpoints").is_dir()
 
     _section("1. Training a small Transformer on the built-in corpus: US English dates → German dates")
-    try:
-        train(config, resume=resume)
-    except TrainInterrupted as e:
-        print(f"qkv demo: error: {e} (qkv demo --out {out} continues)", file=sys.stderr)
-        return 130  # the shell's status for a process ended by SIGINT
-    except (ConfigError, DataError, TrainError, CheckpointError) as e:
-        print(f"qkv demo: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a write the trainer does not wrap itself (train.log, tokenizers)
-        print(f"qkv demo: error: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    _, status = train_demo(config, resume=resume, again=f"qkv demo --out {out}")
+    if status:
+        return status
 
     _section("2. Held-out test set (sentences never seen in training), beam 5")
     sources, references = _read_lines(out / "data" / "test.src"), _read_lines(out / "data" / "test.tgt")
@@ -115,14 +129,12 @@ def run_lm(args: argparse.Namespace) -> int:
     """Sample an untrained GPT, train it, sample it again and score the held-out text; the exit status."""
     import torch
 
-    from qkv.data.parallel import DataError
     from qkv.models.lm import TransformerLM
-    from qkv.train.checkpoint_io import CheckpointError
-    from qkv.train.config import ConfigError, load_config
+    from qkv.train.config import load_config
     from qkv.train.ddp import DistContext
     from qkv.train.lm_inference import LanguageModel
     from qkv.train.tasks.lm import LanguageModelingTask
-    from qkv.train.trainer import TrainError, TrainInterrupted, seed_everything, train
+    from qkv.train.trainer import seed_everything
 
     start = time.perf_counter()
     try:
@@ -149,17 +161,9 @@ def run_lm(args: argparse.Namespace) -> int:
         print(f"  {prompt!r} → {sample!r}")
 
     _section("2. Training it on Python's documentation, one character at a time")
-    try:
-        train(config, resume=resume)
-    except TrainInterrupted as e:
-        print(f"qkv demo: error: {e} (qkv demo lm --out {out} continues)", file=sys.stderr)
-        return 130
-    except (ConfigError, DataError, TrainError, CheckpointError) as e:
-        print(f"qkv demo: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"qkv demo: error: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    _, status = train_demo(config, resume=resume, again=f"qkv demo lm --out {out}")
+    if status:
+        return status
 
     _section("3. After training: samples, and how well it predicts the held-out text")
     lm = LanguageModel.load(out)

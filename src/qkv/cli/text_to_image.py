@@ -213,9 +213,8 @@ def run_demo(args: argparse.Namespace) -> int:
     """Train the built-in text-to-image config on the machine's cores (torch's default threads: the issue's
     budget is 10 minutes on 2 cores, and two threads train a demo step in 0.096 s against one thread's 0.136 s
     on the 2-core development machine), then draw a grid of prompts, images and word maps on one thread."""
-    from qkv.train.checkpoint_io import CheckpointError
-    from qkv.train.config import ConfigError, load_config
-    from qkv.train.trainer import TrainError, TrainInterrupted, train
+    from qkv.cli.demo import train_demo
+    from qkv.train.config import load_config
 
     start = time.perf_counter()
     try:
@@ -225,17 +224,10 @@ def run_demo(args: argparse.Namespace) -> int:
         return 2
     out = Path(config.output.dir)
     print("=" * 78 + "\n1. Training a small DiT to draw captioned scenes (cross-attention to the words)\n" + "=" * 78)
-    try:
-        result = train(config, resume=args.resume or (out / "checkpoints").is_dir())
-    except TrainInterrupted as e:
-        print(f"qkv demo: error: {e} (qkv demo t2i --out {out} continues)", file=sys.stderr)
-        return 130
-    except (ConfigError, TrainError, CheckpointError, ValueError) as e:
-        print(f"qkv demo: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"qkv demo: error: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    resume = args.resume or (out / "checkpoints").is_dir()
+    result, status = train_demo(config, resume=resume, again=f"qkv demo t2i --out {out}")
+    if result is None:
+        return status
 
     print("\n" + "=" * 78 + "\n2. Prompts, images and where each word acted\n" + "=" * 78)
     with one_thread():
