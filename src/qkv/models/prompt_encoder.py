@@ -53,6 +53,9 @@ def encode_prompts(prompts: list[str], vocabulary: list[str], max_words: int) ->
     return tokens, torch.tensor([len(r) for r in rows], dtype=torch.long)
 
 
+DIRECTIONS = ("bidirectional", "causal", "anticausal")  # which words a word reads in the encoder layers
+
+
 class PromptEncoder(nn.Module):
     """Words → ``(B, 1 + S, E)``: the start token, then the words' embeddings and learned positions through
     pre-LN encoder layers and a final LayerNorm.
@@ -89,8 +92,8 @@ class PromptEncoder(nn.Module):
         direction: str = "bidirectional",
     ) -> None:
         super().__init__()
-        if direction not in ("bidirectional", "causal", "anticausal"):
-            raise ValueError(f"direction must be 'bidirectional', 'causal' or 'anticausal'; got {direction!r}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}; got {direction!r}")
         self.direction = direction
         self.embed_tokens = nn.Embedding(vocab_size, d_model)
         self.embed_positions = nn.Embedding(max_words, d_model)

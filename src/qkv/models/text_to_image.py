@@ -63,13 +63,12 @@ from qkv.checks import (
     required,
 )
 from qkv.models.diffusion import DenoiserOutput, GuidedVelocity, check_sampling, sample, velocity_from_image
-from qkv.models.prompt_encoder import PromptEncoder, encode_prompts
+from qkv.models.prompt_encoder import DIRECTIONS, PromptEncoder, encode_prompts
 from qkv.models.transformer import stack_layers
 from qkv.models.vit import PatchEmbeddings, ViTConfig, check_patch_geometry, sincos_2d
 from qkv.nn import KVCache, MultiHeadAttention
 
 TIME_FREQUENCIES = 256  # DiT's width of the sinusoidal time features
-TEXT_ATTENTIONS = ("bidirectional", "causal", "anticausal")
 TIME_SCALE = 1000.0  # t in [0, 1] is spread over DiT's 0..1000 timestep range before the sinusoids
 
 
@@ -114,7 +113,7 @@ class TextToImageConfig(StrictConfig):
     num_heads: int = option(4, int_at_least)
     ffn_dim: int = option(512, int_at_least)
     text_layers: int = option(2, int_at_least, 0)
-    text_attention: str = option("bidirectional", one_of, TEXT_ATTENTIONS)
+    text_attention: str = option("bidirectional", one_of, DIRECTIONS)
     pooled_text: bool = option(False, boolean)
     time_shift: float = option(1.0, positive_number)
     max_prompt_words: int = option(16, int_at_least)
