@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qkv.data.safe_files import read_regular_file
+from qkv.data.safe_files import read_json_file, read_regular_file
 
 
 def test_reads_a_regular_file_and_a_symlink_to_one(tmp_path: Path) -> None:
@@ -38,3 +38,17 @@ def test_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match=r"sp\.model is a FIFO; expected a regular file"):
         read_regular_file(fifo, 1 << 20)
+
+
+def test_reads_json_and_names_what_is_wrong(tmp_path: Path) -> None:
+    good = tmp_path / "good.json"
+    good.write_text('{"a": [1, "é"]}', encoding="utf-8")
+    assert read_json_file(good, 100) == {"a": [1, "é"]}
+    (tmp_path / "bad.json").write_text("{nope", encoding="utf-8")
+    with pytest.raises(ValueError, match="Expecting property name"):
+        read_json_file(tmp_path / "bad.json", 100)
+    (tmp_path / "latin.json").write_bytes(b'"\xe9"')
+    with pytest.raises(UnicodeDecodeError):
+        read_json_file(tmp_path / "latin.json", 100)
+    with pytest.raises(ValueError, match="expected at most 5"):
+        read_json_file(good, 5)

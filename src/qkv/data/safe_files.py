@@ -8,9 +8,11 @@ to a real file is fine) and anything larger than the caller's limit, before read
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 MiB = 1 << 20
 
@@ -62,3 +64,14 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise ValueError(f"{Path(path)} has more than {max_bytes:,} bytes; expected at most {max_bytes:,}")
     return data
+
+
+def read_json_file(path: str | os.PathLike, max_bytes: int) -> Any:
+    """The JSON value in ``path``, a UTF-8 regular file of at most ``max_bytes`` bytes (:func:`read_regular_file`).
+
+    Raises:
+        FileNotFoundError, OSError: ``path`` does not exist or cannot be read.
+        ValueError: not a regular file, too large, not UTF-8 (``UnicodeDecodeError``) or not JSON
+            (``json.JSONDecodeError``).
+    """
+    return json.loads(read_regular_file(path, max_bytes).decode("utf-8"))

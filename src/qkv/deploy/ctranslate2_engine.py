@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from qkv.checks import int_at_least
-from qkv.data.safe_files import read_regular_file
+from qkv.data.safe_files import read_json_file
 from qkv.data.tokenizer import MAX_TOKENIZER_BYTES, Tokenizer
 from qkv.deploy.ctranslate2_export import ExportInfo, read_export_info
 from qkv.deploy.ctranslate2_spec import require_ctranslate2
@@ -72,7 +72,7 @@ def _read_vocabulary(directory: Path, side: str, size: int) -> list[str]:
     if path is None:
         raise FileNotFoundError(f"{directory} has no {' or '.join(VOCABULARY_FILES[side])}; is it a CTranslate2 model?")
     try:
-        tokens = json.loads(read_regular_file(path, MAX_TOKENIZER_BYTES).decode("utf-8"))
+        tokens = read_json_file(path, MAX_TOKENIZER_BYTES)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {path}: {e}") from None
     if not isinstance(tokens, list) or len(tokens) != size or len(set(tokens)) != size:

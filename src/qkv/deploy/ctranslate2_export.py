@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from qkv.checks import ConfigError, int_at_least, one_of
-from qkv.data.safe_files import MiB, read_regular_file
+from qkv.data.safe_files import MiB, read_json_file
 from qkv.data.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, SentencePieceTokenizer, Tokenizer
 from qkv.deploy.ctranslate2_spec import check_exportable, lm_spec, require_ctranslate2, seq2seq_spec
 from qkv.models.checkpoint import stored_model_type
@@ -264,7 +264,7 @@ def read_export_info(directory: str | os.PathLike) -> ExportInfo:
             "(qkv export --model DIR --format ctranslate2 --out DIR writes one)"
         )
     try:
-        data = json.loads(read_regular_file(path, MAX_INFO_BYTES).decode("utf-8"))
+        data = read_json_file(path, MAX_INFO_BYTES)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {path}: {e}") from None
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:

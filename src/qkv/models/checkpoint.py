@@ -34,7 +34,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from qkv.data.safe_files import MiB, check_regular_file, read_regular_file
+from qkv.data.safe_files import MiB, check_regular_file, read_json_file
 from qkv.models.config import EncoderConfig, LMConfig, TransformerConfig
 from qkv.models.encoder import TransformerEncoder
 from qkv.models.lm import TransformerLM
@@ -156,7 +156,7 @@ def _check_file(path: Path, max_bytes: int) -> None:
 def _read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in ``path``, a regular file of at most :data:`MAX_CONFIG_BYTES`."""
     try:
-        config = json.loads(read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8"))
+        config = read_json_file(path, MAX_CONFIG_BYTES)
     except ValueError as e:  # also UnicodeDecodeError and JSONDecodeError
         raise ModelFileError(f"{path} is not a JSON model config: {e}") from None
     if not isinstance(config, dict):

@@ -13,7 +13,6 @@ per-channel mean and std). :class:`ImageClassifier` reads an image file the way 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 from qkv.checks import ConfigError
 from qkv.data.images import ImageSet, Normalization, read_image, read_image_folder
-from qkv.data.safe_files import read_regular_file
+from qkv.data.safe_files import read_json_file
 from qkv.models.checkpoint import load_model
 from qkv.models.vit import VisionTransformer
 from qkv.train.lm_inference import model_type_of
@@ -56,7 +55,7 @@ class Preprocessing:
     @classmethod
     def read(cls, path: Path) -> Preprocessing:
         try:
-            data = json.loads(read_regular_file(path, MAX_PREPROCESSING_BYTES).decode("utf-8"))
+            data = read_json_file(path, MAX_PREPROCESSING_BYTES)
         except FileNotFoundError:
             raise ImageModelError(
                 f"{path} is missing: the model directory of an image classifier (task: image_classification) has "

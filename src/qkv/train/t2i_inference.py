@@ -19,7 +19,6 @@ images), so word maps can be compared on generated and on ground-truth images.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from qkv.checks import int_at_least
-from qkv.data.safe_files import read_regular_file
+from qkv.data.safe_files import read_json_file
 from qkv.data.scenes import Scene
 from qkv.models.checkpoint import load_model
 from qkv.models.diffusion import check_sampling, interpolate
@@ -71,7 +70,7 @@ class GeneratedImages:
 
 def _read_description(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(read_regular_file(path, MAX_DESCRIPTION_BYTES).decode("utf-8"))
+        data = read_json_file(path, MAX_DESCRIPTION_BYTES)
     except FileNotFoundError:
         raise T2IModelError(
             f"{path} is missing: the model directory of a text-to-image model (task: text_to_image) has one beside "
