@@ -40,22 +40,13 @@ import numpy as np
 import torch
 
 from qkv.bench.runner import cpu_model
+from qkv.data.scene_captions import object_word_positions
 from qkv.data.scene_checker import judge
-from qkv.data.scenes import COLOURS, RELATIONS, SHAPES, SIZES, Scene, parse_caption, render
+from qkv.data.scenes import COLOURS, SHAPES, Scene, parse_caption, render
 from qkv.train.t2i_inference import TextToImage
 from qkv.viz.word_maps import pointing_hit, upsample_maps, word_maps
 
 CHUNK = 50  # prompts generated at once
-
-
-def object_words(caption: str) -> list[tuple[int, str, int]]:
-    """``(position, word, object index)`` of each colour, shape and size word of a scene caption: words before
-    the relation name object 0, words after it object 1."""
-    words = caption.lower().split()
-    firsts = {relation.split()[0] for relation in RELATIONS}
-    split = next((i for i, w in enumerate(words) if w in firsts), len(words))
-    content = {*COLOURS, *SHAPES, *SIZES}
-    return [(i, w, 0 if i < split else 1) for i, w in enumerate(words) if w in content]
 
 
 def word_kind(word: str) -> str:
@@ -92,7 +83,7 @@ class Pointing:
     ) -> None:
         words = caption.split()
         maps = upsample_maps(word_maps(cross_attention[..., : len(words)], grid), masks_size(masks))
-        for position, word, obj in object_words(caption):
+        for position, word, obj in object_word_positions(caption):
             mask = masks[obj]
             if mask is None:
                 continue

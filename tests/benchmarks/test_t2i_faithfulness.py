@@ -12,6 +12,7 @@ from types import ModuleType
 import pytest
 import torch
 
+from qkv.data.scene_captions import object_word_positions
 from qkv.data.scenes import build_scene_sets, render
 from qkv.train.config import Config
 from qkv.train.t2i_inference import TextToImage
@@ -46,18 +47,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_object_words_name_the_object_each_content_word_describes(monkeypatch: pytest.MonkeyPatch) -> None:
-    script = load_script(monkeypatch)
-    assert script.object_words("a small red circle is left of a blue square") == [
-        (1, "small", 0), (2, "red", 0), (3, "circle", 0), (8, "blue", 1), (9, "square", 1),
-    ]  # fmt: skip
-    assert script.object_words("there is a large green triangle") == [
-        (3, "large", 0),
-        (4, "green", 0),
-        (5, "triangle", 0),
-    ]
-
-
 def test_the_pointing_game_hits_when_each_word_attends_to_its_object(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -72,14 +61,14 @@ def test_the_pointing_game_hits_when_each_word_attends_to_its_object(
         _, masks = render(scene, 32)
         words = caption.split()
         weights = torch.full((1, 1, grid[0] * grid[1], len(words)), 1e-3)
-        for position, _, obj in script.object_words(caption):
+        for position, _, obj in object_word_positions(caption):
             counts = torch.from_numpy(masks[obj]).reshape(grid[0], 4, grid[1], 4).sum(dim=(1, 3)).flatten()
             weights[0, 0, :, position] += counts / counts.sum()
         return weights
 
     monkeypatch.setattr(t2i, "attend", oracle)
     report = script.ground_truth_pointing(t2i, scenes)
-    assert report["all"]["trials"] == sum(len(script.object_words(s.caption)) for s in scenes)
+    assert report["all"]["trials"] == sum(len(object_word_positions(s.caption)) for s in scenes)
     assert report["all"]["rate"] > 0.9 and report["colour"]["trials"] > 0 and report["shape"]["trials"] > 0
 
     def contrary(image: torch.Tensor, caption: str, **kwargs: object) -> torch.Tensor:

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from qkv.data.parallel import DataError
-from qkv.data.scene_captions import CaptionSpec, ObjectSpec, caption_vocabulary, describe, parse_caption
+from qkv.data.scene_captions import (
+    CaptionSpec,
+    ObjectSpec,
+    caption_vocabulary,
+    describe,
+    object_word_positions,
+    parse_caption,
+)
 from qkv.data.scenes import Scene, sample_scene
 
 
@@ -54,3 +61,18 @@ def test_parse_reads_both_templates_and_ignores_case() -> None:
 def test_parse_errors_name_the_word(caption: str, message: str) -> None:
     with pytest.raises(DataError, match=message):
         parse_caption(caption)
+
+
+def test_object_word_positions_name_the_object_each_content_word_describes(scenes: list[Scene]) -> None:
+    assert object_word_positions("a small red circle is left of a blue square") == [
+        (1, "small", 0), (2, "red", 0), (3, "circle", 0), (8, "blue", 1), (9, "square", 1),
+    ]  # fmt: skip
+    triangle = [(3, "large", 0), (4, "green", 0), (5, "triangle", 0)]
+    assert object_word_positions("there is a large green triangle") == triangle
+    for scene in scenes:  # every object's colour and shape, at their places in the caption
+        words = scene.words()
+        for position, word, obj in object_word_positions(scene.caption):
+            assert words[position] == word
+            assert word in (scene.objects[obj].colour, scene.objects[obj].shape, scene.objects[obj].size)
+        named = {(obj, w) for _, w, obj in object_word_positions(scene.caption)}
+        assert all({(i, o.colour), (i, o.shape)} <= named for i, o in enumerate(scene.objects))

@@ -199,7 +199,7 @@ def test_caption_file_errors_name_the_line_through_the_task(tmp_path: Path, tsv:
 def test_shard_under_ddp_takes_every_world_size_th_row(tmp_path: Path) -> None:
     task = prepared(tmp_path)
     task.ctx = DistContext(rank=1, world_size=2, local_rank=1)
-    batch = FlowBatch(*(torch.arange(5.0) for _ in range(6)))
+    batch = FlowBatch(*(torch.arange(5.0) for _ in FlowBatch._fields))
     part, weight = task.shard(batch)
     assert part.images.tolist() == [1.0, 3.0] and weight == 1.0
 
@@ -258,6 +258,7 @@ def test_the_demo_config_is_the_built_in_one_and_bounds_its_time() -> None:
     assert config.task == "text_to_image" and config.data.corpus == "scenes" and config.data.flip
     assert config.model.patch_size == 4 and config.training.max_steps == 5600
     assert config.model.pooled_text and config.model.time_shift == 5 and config.task_training.shifted_times == 0.8
+    assert config.task_training.grounding == 0.1 and config.task_training.grounding_from == 0.5
     assert config.training.max_time is not None and config.training.max_time <= 600
 
 

@@ -73,6 +73,21 @@ def describe(spec: CaptionSpec, *, template: int = 0) -> str:
     return f"{first} {spec.relation} {second}" if template == 0 else f"{first} {_IS} {spec.relation} {second}"
 
 
+def object_word_positions(caption: str) -> list[tuple[int, str, int]]:
+    """``(position, word, object index)`` of each size, colour and shape word of a caption of this grammar: the
+    words before the relation name object 0, those after it object 1 (``"a"``, ``"is"``, ``"there"`` and the
+    relation's words name no object)::
+
+        object_word_positions("a small red circle is left of a blue square")
+        # [(1, "small", 0), (2, "red", 0), (3, "circle", 0), (8, "blue", 1), (9, "square", 1)]
+    """
+    words = caption.lower().split()
+    firsts = {relation.split()[0] for relation in RELATIONS}
+    split = next((i for i, w in enumerate(words) if w in firsts), len(words))
+    content = {*SIZE_WORDS, *COLOUR_WORDS, *SHAPES}
+    return [(i, w, 0 if i < split else 1) for i, w in enumerate(words) if w in content]
+
+
 def _expected(kind: str, words: Sequence[str], tokens: list[str], at: int, text: str) -> DataError:
     got = f"{tokens[at]!r}" if at < len(tokens) else "the end of the caption"
     return DataError(

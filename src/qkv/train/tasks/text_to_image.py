@@ -59,6 +59,7 @@ from qkv.train.tasks.text_to_image_config import (
     TextToImageModelConfig,
     TextToImageTrainingConfig,
 )
+from qkv.train.tasks.text_to_image_grounding import grounding_loss, word_targets
 
 T2I_FILE = "text_to_image.json"
 EVAL_BATCH = 100
@@ -226,6 +227,15 @@ class TextToImageTask(Task):
                     "not use both; set data.flip: false"
                 )
             mirror = (self.vocabulary.index("left"), self.vocabulary.index("right"))
+        targets = None
+        if o.grounding:
+            if train.scenes is None:
+                raise ConfigError(
+                    f"training.grounding ({o.grounding:g}) pulls each word's attention onto its object, which only the "
+                    "built-in scenes know (data.corpus: scenes); set training.grounding: 0 for a folder of images"
+                )
+            patch = self.config.model.patch_size
+            targets = word_targets(train.scenes, int(tokens.shape[1]), int(train.images.shape[-1]), patch)
         seed = self.config.training.seed
         return FlowBatches(
             train,
@@ -237,6 +247,7 @@ class TextToImageTask(Task):
             mirror=mirror,
             time_shift=self.config.model.time_shift,
             shifted_times=o.shifted_times,
+            targets=targets,
         )
 
     def batch_tokens(self, batch: FlowBatch) -> int:
@@ -250,9 +261,17 @@ class TextToImageTask(Task):
 
     def loss(self, model: nn.Module, batch: FlowBatch, device: torch.device) -> BatchLoss:
         b = batch.to(device)
-        out = model(interpolate(b.images, b.noise, b.times), b.times, b.tokens, b.lengths, drop=b.drop)
-        loss = flow_loss(out.velocity, b.images, b.noise).sum()
-        return BatchLoss(loss=loss, nll=float(loss.detach()), tokens=self.batch_tokens(batch))
+        grounded = b.targets.ndim == 4
+        x_t = interpolate(b.images, b.noise, b.times)
+        out = model(x_t, b.times, b.tokens, b.lengths, drop=b.drop, need_attention=grounded)
+        flow = flow_loss(out.velocity, b.images, b.noise).sum()
+        loss = flow
+        if grounded:
+            assert out.cross_attention is not None
+            late = b.times < self.options.grounding_from  # the last steps, where the shapes' edges are drawn
+            grounding = grounding_loss(out.cross_attention, b.targets, b.drop | late).sum()
+            loss = flow + self.options.grounding * grounding
+        return BatchLoss(loss=loss, nll=float(flow.detach()), tokens=self.batch_tokens(batch))
 
     def validate(self, model: nn.Module, device: torch.device, step: int) -> Validation:
         loss = denoising_loss(model, self.splits["valid"], device, self.config.training.seed)

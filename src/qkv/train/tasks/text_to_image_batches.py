@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 
 
 class FlowBatch(NamedTuple):
-    """One training batch: ``images, noise (B, C, H, W)``, ``tokens (B, S)``, ``lengths, times, drop (B,)``."""
+    """One training batch: ``images, noise (B, C, H, W)``, ``tokens (B, S)``, ``lengths, times, drop (B,)``, and
+    ``targets``: the patches each word names, ``(B, S, h, w)`` (:mod:`.text_to_image_grounding`), or ``(B, 0)``
+    when training does not ground the words."""
 
     images: torch.Tensor
     tokens: torch.Tensor
@@ -28,6 +30,7 @@ class FlowBatch(NamedTuple):
     noise: torch.Tensor
     times: torch.Tensor
     drop: torch.Tensor
+    targets: torch.Tensor
 
     def to(self, device: torch.device | str) -> FlowBatch:
         return FlowBatch(*(t.to(device) for t in self))
@@ -60,6 +63,9 @@ class FlowBatches(ShuffledBatches[FlowBatch]):
             image's prompt is dropped (classifier-free guidance).
         mirror: the token ids of ``left`` and ``right``: half the images are flipped horizontally and these
             two words swapped in their captions (``None``: no flips).
+        time_shift, shifted_times: see :func:`flow_draws`.
+        targets: ``(N, S, h, w)``, the patches each word of each caption names (flipped with their image), or
+            ``None``.
     """
 
     def __init__(
@@ -74,11 +80,13 @@ class FlowBatches(ShuffledBatches[FlowBatch]):
         mirror: tuple[int, int] | None = None,
         time_shift: float = 1.0,
         shifted_times: float = 1.0,
+        targets: torch.Tensor | None = None,
     ) -> None:
         super().__init__(len(split), batch_size=batch_size, seed=seed)
         self.split, self.tokens, self.lengths = split, tokens, lengths
         self.prompt_dropout, self.mirror = prompt_dropout, mirror
         self.time_shift, self.shifted_times = time_shift, shifted_times
+        self.targets = torch.zeros(len(split), 0) if targets is None else targets
 
     def batch(self, k: int) -> FlowBatch:
         """Batch number ``k``."""
@@ -87,11 +95,13 @@ class FlowBatches(ShuffledBatches[FlowBatch]):
         rng = self.draws(k)
         noise, times = flow_draws(rng, tuple(images.shape), self.time_shift, self.shifted_times)
         drop = torch.from_numpy(rng.random(len(rows)) < self.prompt_dropout)
-        tokens = self.tokens[rows]
+        tokens, targets = self.tokens[rows], self.targets[rows]
         if self.mirror is not None:
             flip = torch.from_numpy(rng.random(len(rows)) < 0.5)
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
             left, right = self.mirror
             swapped = torch.where(tokens == left, right, torch.where(tokens == right, left, tokens))
             tokens = torch.where(flip[:, None], swapped, tokens)
-        return FlowBatch(images, tokens, self.lengths[rows], noise, times, drop)
+            if targets.ndim == 4:
+                targets = torch.where(flip[:, None, None, None], targets.flip(-1), targets)
+        return FlowBatch(images, tokens, self.lengths[rows], noise, times, drop, targets)

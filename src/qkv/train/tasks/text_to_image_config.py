@@ -170,6 +170,11 @@ class TextToImageTrainingConfig(StrictConfig):
             directory records for ``qkv generate`` / ``qkv show``.
         test_prompts: prompts of each test split (seen combinations, held-out ones) generated and judged at the
             end (0: none).
+        grounding: the weight of the grounding loss (:mod:`~qkv.train.tasks.text_to_image_grounding`: each object
+            word's cross-attention pulled onto its object; the built-in scenes only, which know where the objects
+            are); 0: none.
+        grounding_from: the grounding loss counts only images noised to this time or more (the sampler's early
+            steps, where the layout is decided), leaving the last steps, which draw the shapes' edges, free.
     """
 
     batch_size: int = option(64, int_at_least, 1)
@@ -178,3 +183,5 @@ class TextToImageTrainingConfig(StrictConfig):
     sample_steps: int = option(20, int_at_least, 1)
     guidance: float = option(2.0, non_negative_number)
     test_prompts: int = option(50, int_at_least, 0)
+    grounding: float = option(0.0, non_negative_number)
+    grounding_from: float = option(0.0, number_between, 0.0, 1.0)
