@@ -21,6 +21,8 @@ rectified flow (:mod:`qkv.models.diffusion`) on captioned images.
       sample_steps: 20           # Euler steps and guidance of the end-of-training test (and the defaults
       guidance: 2.0              #   qkv generate / qkv show read from the model directory)
       test_prompts: 50
+      grounding: 0.1             # the scenes only: pull each object word's cross-attention onto its object
+      grounding_from: 0.5        #   (TokenCompose's loss, qkv.train.tasks.text_to_image_grounding), at t >= 0.5
 
 A training batch is deterministic in its index (images, noise, times and dropped prompts drawn from generators
 seeded by ``(training.seed, batch)``), so a resumed run sees exactly the batches of an uninterrupted one.
