@@ -6,7 +6,7 @@ patches each size, colour and shape word of a caption names are known; the loss 
 cross-attention map the word maps show (mean over layers and heads)::
 
     targets = word_targets(scenes, words=S, image_size=32, patch_size=4)  # (N, S, h, w): each word's object
-    loss = flow_loss(...) + weight * grounding_loss(out.cross_attention, targets[rows], drop)  # (B,)
+    loss = flow_loss(...) + weight * grounding_loss(out.cross_attention, targets[rows], skip)  # (B,)
 
 A target is the share of each patch the object covers (a patch the object fills counts fully, one it
 touches counts a little), so the loss is lowest when a word's attention sits on the object's inner patches.
@@ -42,16 +42,17 @@ def word_targets(scenes: Sequence[Scene], words: int, image_size: int, patch_siz
     return torch.from_numpy(targets)
 
 
-def grounding_loss(cross_attention: torch.Tensor, targets: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+def grounding_loss(cross_attention: torch.Tensor, targets: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     """TokenCompose's token loss per image, ``(B,)``: the mean over the object words of ``(1 - inside)²``.
 
     Args:
         cross_attention: ``(B, layers, heads, N, 1 + S)``, the denoiser's weights (column 0: the start token).
         targets: ``(B, S, h, w)`` with ``h·w = N``, from :func:`word_targets` (flipped with their images).
-        drop: ``(B,)`` bool, the prompts replaced by the null prompt (no words to ground).
+        skip: ``(B,)`` bool, the images that add nothing (0): those whose prompt was replaced by the null prompt
+            (no words to ground) and those the task leaves out (noised less than ``training.grounding_from``).
     """
     maps = cross_attention[..., 1:].mean(dim=(1, 2)).transpose(1, 2)  # (B, S, N)
     weights = targets.flatten(2).to(maps.dtype)  # (B, S, N)
     inside = (maps * weights).sum(-1) / maps.sum(-1).clamp_min(1e-12)
-    named = (weights.sum(-1) > 0) & ~drop[:, None]
+    named = (weights.sum(-1) > 0) & ~skip[:, None]
     return ((1 - inside).pow(2) * named).sum(1) / named.sum(1).clamp_min(1)
