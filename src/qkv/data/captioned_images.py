@@ -20,7 +20,7 @@ Each image is read as RGB (an alpha channel dropped, grey repeated) and resized 
 ``image_size`` with Pillow's (antialiased) bilinear filter, squeezing a non-square image rather than
 cropping it: a caption may describe what is near the border ("a red circle left of ...").
 
-Files are read as the rest of qkv reads what someone else may have made (:mod:`qkv.data.safe_files`):
+Files are read as the rest of qkv reads what someone else may have made (:mod:`qkv.safe_files`):
 regular files only, the TSV up to :data:`MAX_TSV_BYTES`, an image up to :data:`MAX_IMAGE_BYTES` and
 :data:`MAX_IMAGE_PIXELS` pixels (checked from its header, before it is decoded). Every problem is a
 :class:`~qkv.data.parallel.DataError` naming the TSV line and the file.
@@ -39,7 +39,7 @@ import torch
 
 from qkv.checks import int_at_least
 from qkv.data.parallel import DataError, decode_lines
-from qkv.data.safe_files import MiB, read_regular_file
+from qkv.safe_files import MiB, read_regular_file
 
 CAPTIONS_FILE = "captions.tsv"
 HEADER = ("file", "caption")

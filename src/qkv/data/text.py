@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from qkv.data.parallel import DataError
-from qkv.data.safe_files import MiB, read_regular_file
+from qkv.safe_files import MiB, read_regular_file
 
 BUILTIN_TEXTS = ("python_docs",)
 # The token stream lives in memory as int64 (8 bytes a token); beyond this a file is a mistake, not a corpus.

@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 from qkv.checks import int_at_least
 from qkv.data.parallel import DataError, Pair
-from qkv.data.safe_files import MiB, read_regular_file
+from qkv.safe_files import MiB, read_regular_file
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")

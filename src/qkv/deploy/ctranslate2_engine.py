@@ -45,12 +45,12 @@ from typing import Any
 import torch
 
 from qkv.checks import int_at_least
-from qkv.data.safe_files import read_json_file
 from qkv.data.tokenizer import MAX_TOKENIZER_BYTES, Tokenizer
 from qkv.deploy.ctranslate2_export import ExportInfo, read_export_info
 from qkv.deploy.ctranslate2_spec import require_ctranslate2
 from qkv.models.hypothesis import Hypothesis, gnmt_length_penalty
 from qkv.models.transformer import TransformerSeq2Seq
+from qkv.safe_files import read_json_file
 from qkv.train.translate import (
     DEFAULT_MAX_OUTPUT_LENGTH,
     Translation,

@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from qkv.checks import ConfigError, int_at_least, one_of
-from qkv.data.safe_files import MiB, read_json_file
 from qkv.data.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, SentencePieceTokenizer, Tokenizer
 from qkv.deploy.ctranslate2_spec import check_exportable, lm_spec, require_ctranslate2, seq2seq_spec
 from qkv.models.checkpoint import stored_model_type
 from qkv.models.lm import TransformerLM
 from qkv.models.transformer import TransformerSeq2Seq
+from qkv.safe_files import MiB, read_json_file
 from qkv.train.lm_inference import LanguageModel
 from qkv.train.translate import Translator, save_tokenizers, token_texts
 

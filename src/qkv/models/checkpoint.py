@@ -34,7 +34,6 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from qkv.data.safe_files import MiB, check_regular_file, read_json_file
 from qkv.models.config import EncoderConfig, LMConfig, TransformerConfig
 from qkv.models.encoder import TransformerEncoder
 from qkv.models.lm import TransformerLM
@@ -43,6 +42,7 @@ from qkv.models.text_to_image import TextToImageConfig, TextToImageModel
 from qkv.models.transformer import TransformerSeq2Seq
 from qkv.models.vit import VisionTransformer, ViTConfig
 from qkv.nn.multi_head import separate_projection_keys, stack_separate_projections
+from qkv.safe_files import MiB, check_regular_file, read_json_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -142,7 +142,7 @@ def save_model(model: nn.Module, directory: str | Path) -> Path:
 
 
 def _check_file(path: Path, max_bytes: int) -> None:
-    """``path`` exists and is a regular file of at most ``max_bytes`` (see :mod:`qkv.data.safe_files`)."""
+    """``path`` exists and is a regular file of at most ``max_bytes`` (see :mod:`qkv.safe_files`)."""
     try:
         check_regular_file(path, max_bytes)
     except FileNotFoundError:

@@ -44,8 +44,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from qkv.data.safe_files import check_regular_file
 from qkv.models.checkpoint import DIGESTS_KEY, digest_mismatches, tensor_digests, tied_keys
+from qkv.safe_files import check_regular_file
 
 FORMAT = "qkv-train-checkpoint"
 VERSION = "1"

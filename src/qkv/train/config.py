@@ -52,7 +52,7 @@ from qkv.checks import (
     short_repr,
     text,
 )
-from qkv.data.safe_files import MiB, read_regular_file
+from qkv.safe_files import MiB, read_regular_file
 from qkv.train.budget import parse_duration
 from qkv.train.safe_yaml import YAMLTooLargeError, load_yaml
 from qkv.train.schedule import SCHEDULE_KINDS

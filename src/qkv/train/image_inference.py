@@ -22,9 +22,9 @@ import torch
 
 from qkv.checks import ConfigError
 from qkv.data.images import ImageSet, Normalization, read_image, read_image_folder
-from qkv.data.safe_files import read_json_file
 from qkv.models.checkpoint import load_model
 from qkv.models.vit import VisionTransformer
+from qkv.safe_files import read_json_file
 from qkv.train.lm_inference import model_type_of
 from qkv.train.tasks.image import PREPROCESSING_FILE, ImageDataConfig, Scores, read_splits, score_images
 

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from qkv.checks import int_at_least
-from qkv.data.safe_files import read_json_file
 from qkv.data.scenes import Scene
 from qkv.models.checkpoint import load_model
 from qkv.models.diffusion import check_sampling, interpolate
 from qkv.models.prompt_encoder import prompt_words
 from qkv.models.text_to_image import TextToImageModel
+from qkv.safe_files import read_json_file
 from qkv.train.lm_inference import model_type_of
 from qkv.train.tasks.text_to_image import T2I_FILE, read_splits
 from qkv.train.tasks.text_to_image_config import TextToImageDataConfig

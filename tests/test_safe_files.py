@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qkv.data.safe_files import read_json_file, read_regular_file
+from qkv.safe_files import read_json_file, read_regular_file
 
 
 def test_reads_a_regular_file_and_a_symlink_to_one(tmp_path: Path) -> None:
