@@ -15,6 +15,8 @@ from qkv.data.captioned_images import write_captioned_folder
 from qkv.data.scene_captions import object_word_positions
 from qkv.data.scenes import build_scene_sets, render
 from qkv.models.diffusion import flow_loss, interpolate
+from qkv.train.task import BatchLoss
+from qkv.train.tasks.text_to_image import FlowBatch, TextToImageTask
 from qkv.train.tasks.text_to_image_grounding import grounding_loss, word_targets
 
 SCENES = build_scene_sets(train=40, valid=0, test=0, held_out_test=0, seed=4)["train"].scenes
@@ -75,6 +77,18 @@ def test_the_loss_follows_a_closed_form_on_one_word() -> None:
     )
 
 
+def loss_by_hand(task: TextToImageTask, batch: FlowBatch) -> tuple[BatchLoss, torch.Tensor, torch.Tensor]:
+    """The task's loss for a fresh model (seed 0), and that model's summed flow loss and cross-attention
+    ``(B, layers, heads, N, 1 + S)`` for the batch, computed here."""
+    torch.manual_seed(0)
+    model = task.build_model()
+    result = task.loss(model, batch, torch.device("cpu"))
+    out = model(interpolate(batch.images, batch.noise, batch.times), batch.times, batch.tokens, batch.lengths,
+                drop=batch.drop, need_attention=True)  # fmt: skip
+    assert out.cross_attention is not None
+    return result, flow_loss(out.velocity, batch.images, batch.noise).sum(), out.cross_attention
+
+
 def test_the_task_adds_the_weighted_loss_and_mirrors_the_targets_with_the_images(tmp_path: Path) -> None:
     grounded = prepared(tmp_path, data={"flip": True}, model={"patch_size": 4}, training={"grounding": 0.5})
     plain = prepared(tmp_path / "plain", data={"flip": True}, model={"patch_size": 4})
@@ -91,14 +105,8 @@ def test_the_task_adds_the_weighted_loss_and_mirrors_the_targets_with_the_images
     for i in range(8):
         expected = unflipped[i].flip(-1) if i in mirrored else unflipped[i]
         assert torch.equal(batch.targets[i], expected)
-    torch.manual_seed(0)
-    model = grounded.build_model()
-    result = grounded.loss(model, batch, torch.device("cpu"))
-    out = model(interpolate(batch.images, batch.noise, batch.times), batch.times, batch.tokens, batch.lengths,
-                drop=batch.drop, need_attention=True)  # fmt: skip
-    assert out.cross_attention is not None
-    flow = flow_loss(out.velocity, batch.images, batch.noise).sum()
-    extra = grounding_loss(out.cross_attention, batch.targets, batch.drop).sum()
+    result, flow, attention = loss_by_hand(grounded, batch)
+    extra = grounding_loss(attention, batch.targets, batch.drop).sum()
     assert float(extra.detach()) > 0
     torch.testing.assert_close(result.loss, flow + 0.5 * extra)
     assert result.nll == pytest.approx(float(flow.detach()))
@@ -109,17 +117,11 @@ def test_grounding_from_leaves_the_images_noised_less_out_of_the_loss(tmp_path: 
     batch = next(iter(task.train_batches()))
     late = batch.times < 0.5
     assert 0 < int(late.sum()) < 8
-    torch.manual_seed(0)
-    model = task.build_model()
-    result = task.loss(model, batch, torch.device("cpu"))
-    out = model(interpolate(batch.images, batch.noise, batch.times), batch.times, batch.tokens, batch.lengths,
-                drop=batch.drop, need_attention=True)  # fmt: skip
-    assert out.cross_attention is not None
-    every = grounding_loss(out.cross_attention, batch.targets, batch.drop)
-    counted = grounding_loss(out.cross_attention, batch.targets, batch.drop | late)
+    result, flow, attention = loss_by_hand(task, batch)
+    every = grounding_loss(attention, batch.targets, batch.drop)
+    counted = grounding_loss(attention, batch.targets, batch.drop | late)
     assert bool((counted[late] == 0).all()) and torch.equal(counted[~late], every[~late])
     assert float(every[late].detach().sum()) > 0
-    flow = flow_loss(out.velocity, batch.images, batch.noise).sum()
     torch.testing.assert_close(result.loss, flow + 2.0 * counted.sum())
 
 
