@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tests.train.tiny_tasks import prepared_task, tiny_config
 
 from qkv.checks import ConfigError
 from qkv.data.images import ImageBatch
@@ -31,20 +32,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vit_config(out: Path, **sections: dict[str, Any]) -> Config:
-    raw: dict[str, Any] = {key: dict(value) if isinstance(value, dict) else value for key, value in TINY_VIT.items()}
-    for name, values in sections.items():
-        raw[name].update(values)
-    raw["output"] = {"dir": str(out)}
-    return Config.from_dict(raw)
+    return tiny_config(TINY_VIT, out, **sections)
 
 
 def prepared(out: Path, **sections: dict[str, Any]) -> ImageClassificationTask:
-    config = vit_config(out, **sections)
-    out.mkdir(parents=True, exist_ok=True)
-    task = config.task_class(config, DistContext(), lambda line: None)
-    assert isinstance(task, ImageClassificationTask)
-    task.prepare(resume=False)
-    return task
+    return prepared_task(vit_config(out, **sections), ImageClassificationTask)
 
 
 @pytest.mark.parametrize(

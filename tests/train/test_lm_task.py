@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.train.tiny_tasks import prepared_task, tiny_config
 
 from qkv.checks import ConfigError
 from qkv.data import CharTokenizer, DataError, load_tokenizer
@@ -27,19 +28,11 @@ TINY_LM: dict[str, Any] = {
 
 
 def lm_config(out: Path, **sections: dict[str, Any]) -> Config:
-    raw: dict[str, Any] = {key: dict(value) if isinstance(value, dict) else value for key, value in TINY_LM.items()}
-    for name, values in sections.items():
-        raw[name].update(values)
-    raw["output"] = {"dir": str(out)}
-    return Config.from_dict(raw)
+    return tiny_config(TINY_LM, out, **sections)
 
 
 def prepared(out: Path, **sections: dict[str, Any]) -> LanguageModelingTask:
-    config = lm_config(out, **sections)
-    task = config.task_class(config, DistContext(), lambda line: None)
-    assert isinstance(task, LanguageModelingTask)
-    task.prepare(resume=False)
-    return task
+    return prepared_task(lm_config(out, **sections), LanguageModelingTask)
 
 
 @pytest.mark.parametrize(

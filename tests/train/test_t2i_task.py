@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from tests.train.tiny_tasks import prepared_task, tiny_config
 
 from qkv.checks import ConfigError
 from qkv.data.captioned_images import write_captioned_folder
@@ -29,20 +30,11 @@ TINY_T2I: dict[str, Any] = {
 
 
 def t2i_config(out: Path, **sections: dict[str, Any]) -> Config:
-    raw: dict[str, Any] = {key: dict(value) if isinstance(value, dict) else value for key, value in TINY_T2I.items()}
-    for name, values in sections.items():
-        raw[name].update(values)
-    raw["output"] = {"dir": str(out), "progress_bar": False}
-    return Config.from_dict(raw)
+    return tiny_config(TINY_T2I, out, output={"progress_bar": False}, **sections)
 
 
 def prepared(out: Path, **sections: dict[str, Any]) -> TextToImageTask:
-    config = t2i_config(out, **sections)
-    out.mkdir(parents=True, exist_ok=True)
-    task = config.task_class(config, DistContext(), lambda line: None)
-    assert isinstance(task, TextToImageTask)
-    task.prepare(resume=False)
-    return task
+    return prepared_task(t2i_config(out, **sections), TextToImageTask)
 
 
 @pytest.mark.parametrize(
