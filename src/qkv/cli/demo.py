@@ -39,8 +39,23 @@ LM_PROMPTS = ("The if statement", "def ")
 LM_SAMPLE_TOKENS = 48  # with the longer prompt, within the demo model's 64 positions
 
 
-def _section(title: str) -> None:
+def section(title: str) -> None:
+    """A demo's numbered part: its title between two rules."""
     print("\n" + "=" * 78 + f"\n{title}\n" + "=" * 78, flush=True)
+
+
+def demo_config(args: argparse.Namespace, name: str, default_out: str) -> tuple[Config, bool] | None:
+    """The built-in config ``name`` with ``--out`` (default ``default_out``) and ``--set`` applied, and whether to
+    resume (``--resume``, or checkpoints already in its output directory); ``None`` with the error printed for a
+    bad override."""
+    from qkv.train.config import load_config
+
+    try:
+        config = load_config(name, [f"output.dir={args.out or default_out}", *args.overrides])
+    except ValueError as e:  # ConfigError, from the trainer's sections or the task's
+        print(f"qkv demo: error: {e}", file=sys.stderr)
+        return None
+    return config, args.resume or (Path(config.output.dir) / "checkpoints").is_dir()
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -78,26 +93,23 @@ def run(args: argparse.Namespace) -> int:
 
 def run_translation(args: argparse.Namespace) -> int:
     """Train, evaluate, translate and plot; returns the exit status."""
-    from qkv.train.config import ConfigError, load_config
     from qkv.train.evaluate import score
     from qkv.train.translate import Translator
     from qkv.viz.alignment import plot_alignment
 
     start = time.perf_counter()
-    try:
-        config = load_config(DEMO_CONFIG, [f"output.dir={args.out or 'runs/demo'}", *args.overrides])
-    except ConfigError as e:
-        print(f"qkv demo: error: {e}", file=sys.stderr)
+    loaded = demo_config(args, DEMO_CONFIG, "runs/demo")
+    if loaded is None:
         return 2
+    config, resume = loaded
     out = Path(config.output.dir)
-    resume = args.resume or (out / "checkpoints").is_dir()
 
-    _section("1. Training a small Transformer on the built-in corpus: US English dates → German dates")
+    section("1. Training a small Transformer on the built-in corpus: US English dates → German dates")
     _, status = train_demo(config, resume=resume, again=f"qkv demo --out {out}")
     if status:
         return status
 
-    _section("2. Held-out test set (sentences never seen in training), beam 5")
+    section("2. Held-out test set (sentences never seen in training), beam 5")
     sources, references = _read_lines(out / "data" / "test.src"), _read_lines(out / "data" / "test.tgt")
     translator = Translator.load(out)
     results = translator.translate(sources, beam=5)
@@ -108,7 +120,7 @@ def run_translation(args: argparse.Namespace) -> int:
     )
     print(f"  BLEU|{scores.bleu_signature}\n  {scores.chrf_name}|{scores.chrf_signature}")
 
-    _section("3. Some translations, and where the model looked")
+    section("3. Some translations, and where the model looked")
     shown = translator.translate(sources[:EXAMPLES], beam=5, need_attention=True)
     for r, ref in zip(shown, references[:EXAMPLES], strict=True):
         mark = "✓" if r.text == ref else "✗"
@@ -130,22 +142,19 @@ def run_lm(args: argparse.Namespace) -> int:
     import torch
 
     from qkv.models.lm import TransformerLM
-    from qkv.train.config import load_config
     from qkv.train.ddp import DistContext
     from qkv.train.lm_inference import LanguageModel
     from qkv.train.tasks.lm import LanguageModelingTask
     from qkv.train.trainer import seed_everything
 
     start = time.perf_counter()
-    try:
-        config = load_config(LM_DEMO_CONFIG, [f"output.dir={args.out or 'runs/demo-lm'}", *args.overrides])
-    except ValueError as e:  # ConfigError, from the trainer's sections or the task's
-        print(f"qkv demo: error: {e}", file=sys.stderr)
+    loaded = demo_config(args, LM_DEMO_CONFIG, "runs/demo-lm")
+    if loaded is None:
         return 2
+    config, resume = loaded
     out = Path(config.output.dir)
-    resume = args.resume or (out / "checkpoints").is_dir()
 
-    _section("1. A small GPT before training: samples from random weights")
+    section("1. A small GPT before training: samples from random weights")
     try:
         task = LanguageModelingTask(config, DistContext(), lambda line: None)
         task.prepare(resume=resume)
@@ -160,12 +169,12 @@ def run_lm(args: argparse.Namespace) -> int:
         sample = task.sample(untrained, torch.device("cpu"), LM_SAMPLE_TOKENS, prompt=prompt)
         print(f"  {prompt!r} → {sample!r}")
 
-    _section("2. Training it on Python's documentation, one character at a time")
+    section("2. Training it on Python's documentation, one character at a time")
     _, status = train_demo(config, resume=resume, again=f"qkv demo lm --out {out}")
     if status:
         return status
 
-    _section("3. After training: samples, and how well it predicts the held-out text")
+    section("3. After training: samples, and how well it predicts the held-out text")
     lm = LanguageModel.load(out)
     for prompt in LM_PROMPTS:
         text = "".join(lm.generate(prompt, LM_SAMPLE_TOKENS, seed=config.training.seed))

@@ -213,23 +213,20 @@ def run_demo(args: argparse.Namespace) -> int:
     """Train the built-in text-to-image config on the machine's cores (torch's default threads: the issue's
     budget is 10 minutes on 2 cores, and two threads train a demo step in 0.096 s against one thread's 0.136 s
     on the 2-core development machine), then draw a grid of prompts, images and word maps on one thread."""
-    from qkv.cli.demo import train_demo
-    from qkv.train.config import load_config
+    from qkv.cli.demo import demo_config, section, train_demo
 
     start = time.perf_counter()
-    try:
-        config = load_config(T2I_DEMO_CONFIG, [f"output.dir={args.out or 'runs/demo-t2i'}", *args.overrides])
-    except ValueError as e:
-        print(f"qkv demo: error: {e}", file=sys.stderr)
+    loaded = demo_config(args, T2I_DEMO_CONFIG, "runs/demo-t2i")
+    if loaded is None:
         return 2
+    config, resume = loaded
     out = Path(config.output.dir)
-    print("=" * 78 + "\n1. Training a small DiT to draw captioned scenes (cross-attention to the words)\n" + "=" * 78)
-    resume = args.resume or (out / "checkpoints").is_dir()
+    section("1. Training a small DiT to draw captioned scenes (cross-attention to the words)")
     result, status = train_demo(config, resume=resume, again=f"qkv demo t2i --out {out}")
     if result is None:
         return status
 
-    print("\n" + "=" * 78 + "\n2. Prompts, images and where each word acted\n" + "=" * 78)
+    section("2. Prompts, images and where each word acted")
     with one_thread():
         grid_path, rows = _demo_grid(out)
     scores = result.test_scores
